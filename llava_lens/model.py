@@ -1,0 +1,198 @@
+"""Load a LLaVA model into a TransformerLens bridge: :func:`load` and :class:`LlavaLens`."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence, Union
+
+import torch
+from transformer_lens.model_bridge import TransformerBridge
+from transformers import AutoConfig, AutoProcessor
+
+from llava_lens.errors import UnsupportedModelError
+from llava_lens.families import Family, VisionSpan, family_for
+from llava_lens.inputs import ImageLike, ModelInputs, prepare
+from llava_lens.trace import Step, Trace
+from llava_lens.tracer import NamesFilter, Sampling, generate_steps
+
+EMBEDDED_MODELS = {"shapes-tiny": Path(__file__).parent / "toy" / "shapes-tiny"}
+DEFAULT_MODEL = "shapes-tiny"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def default_device_dtype(device: Optional[str], dtype: Optional[torch.dtype]) -> tuple[str, torch.dtype]:
+    """CUDA + bf16 when a GPU is present, else CPU + fp32; explicit arguments win."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype is None:
+        dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    return device, dtype
+
+
+def _resolve_source(path_or_id: Optional[str]) -> str:
+    name = path_or_id or DEFAULT_MODEL
+    if name in EMBEDDED_MODELS:
+        path = EMBEDDED_MODELS[name]
+        if not (path / "config.json").is_file():
+            raise UnsupportedModelError(f"the embedded model {name!r} is not installed at {path}")
+        return str(path)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise UnsupportedModelError(f"{path} is not a model directory (no config.json)")
+        return str(path)
+    if _HUB_ID.match(name) and not name.startswith((".", "/", "~")):
+        return name  # a hub id: transformers downloads (or reads its cache)
+    raise UnsupportedModelError(f"model not found: {name!r} is neither a directory nor a hub id (org/name)")
+
+
+def _load_config(source: str) -> Any:
+    try:
+        return AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise UnsupportedModelError(f"cannot load the config of {source!r}: {str(err).splitlines()[0]}") from None
+
+
+def _load_processor(source: str) -> Any:
+    try:
+        processor = AutoProcessor.from_pretrained(source)
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise UnsupportedModelError(
+            f"cannot load the processor/tokenizer of {source!r}: {str(err).splitlines()[0]}") from None
+    if not hasattr(processor, "tokenizer") or not hasattr(processor, "image_processor"):
+        raise UnsupportedModelError(
+            f"{source!r} has no LLaVA processor (image processor + tokenizer files); "
+            "save one with processor.save_pretrained(dir)")
+    return processor
+
+
+def load(path_or_id: Optional[str] = None, device: Optional[str] = None,
+         dtype: Optional[torch.dtype] = None, **boot_kwargs: Any) -> "LlavaLens":
+    """Load a LLaVA-1.5 or LLaVA-NeXT model and its processor into a TransformerLens bridge.
+
+    ``path_or_id`` is a local model directory, a Hugging Face hub id (e.g.
+    ``"llava-hf/llava-1.5-7b-hf"``) or an embedded model name; ``None`` loads the embedded
+    ``shapes-tiny`` model. ``device``/``dtype`` default to CUDA + bf16 when available, else CPU +
+    fp32. Extra keyword arguments (``device_map``, ``n_devices``...) go to
+    ``TransformerBridge.boot_transformers``.
+    """
+    source = _resolve_source(path_or_id)
+    config = _load_config(source)
+    family = family_for(config)
+    processor = _load_processor(source)
+    device, dtype = default_device_dtype(device, dtype)
+    hf_model = family.hf_class.from_pretrained(source, dtype=dtype)
+    if "device_map" not in boot_kwargs and "n_devices" not in boot_kwargs:
+        hf_model = hf_model.to(device)
+        boot_kwargs["device"] = device
+    bridge = TransformerBridge.boot_transformers(
+        source, hf_model=hf_model.eval(), dtype=dtype, tokenizer=processor.tokenizer, **boot_kwargs)
+    return LlavaLens(bridge, processor, family, name=path_or_id or DEFAULT_MODEL)
+
+
+class LlavaLens:
+    """A LLaVA model in a TransformerLens bridge, with its processor: trace and step generation.
+
+    Attributes: ``bridge`` (the ``TransformerBridge``), ``hf_model``, ``processor``,
+    ``tokenizer``, ``family`` (the model-family adapter), ``n_layers``, ``n_heads``, ``d_model``.
+    """
+
+    def __init__(self, bridge: TransformerBridge, processor: Any, family: Family, name: str = ""):
+        self.bridge = bridge
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.family = family
+        self.name = name
+        self.hf_model = bridge.original_model
+        self.config = self.hf_model.config
+        text = self.config.text_config
+        self.n_layers = text.num_hidden_layers
+        self.n_heads = text.num_attention_heads
+        self.d_model = text.hidden_size
+        self.d_vocab = text.vocab_size
+        first = next(self.hf_model.parameters())
+        self.device, self.dtype = first.device, first.dtype
+        eos = self.hf_model.generation_config.eos_token_id
+        eos = eos if isinstance(eos, (list, tuple)) else [eos]
+        self.eos_token_ids = {int(e) for e in eos if e is not None} | {self.tokenizer.eos_token_id}
+
+    def __repr__(self) -> str:
+        return (f"LlavaLens({self.name!r}, {self.family.name}, layers={self.n_layers}, "
+                f"heads={self.n_heads}, d_model={self.d_model}, device={self.device}, dtype={self.dtype})")
+
+    def prepare(self, image: ImageLike, question: str) -> tuple[ModelInputs, VisionSpan]:
+        """Processor inputs and the :class:`VisionSpan` for one image and question."""
+        inputs = prepare(self.processor, image, question)
+        span = self.family.vision_span(inputs.input_ids, inputs.extra, (inputs.image.height, inputs.image.width),
+                                       self.config, self.processor)
+        return inputs, span
+
+    def step(self, image: ImageLike, question: str, max_new_tokens: int = 32, *,
+             capture: NamesFilter = None, default_capture: bool = True, dtype: torch.dtype = torch.float32,
+             top_k: int = 20, keep_logits: bool = True, stop_strings: Sequence[str] = (),
+             **sampling: Any) -> Iterator[Step]:
+        """Generate token by token, yielding a :class:`Step` (with its activations) per token.
+
+        Same arguments as :meth:`trace`, without ``prefill_cache``. Break out of the loop any time.
+        """
+        inputs, _ = self.prepare(image, question)
+        yield from generate_steps(
+            self, inputs, max_new_tokens=max_new_tokens, sampling=Sampling(**sampling),
+            stop_strings=stop_strings, capture=capture, default_capture=default_capture,
+            dtype=dtype, top_k=top_k, keep_logits=keep_logits)
+
+    def trace(self, image: ImageLike, question: str, max_new_tokens: int = 32, *,
+              capture: NamesFilter = None, default_capture: bool = True,
+              prefill_cache: Union[bool, NamesFilter] = False, dtype: torch.dtype = torch.float32,
+              top_k: int = 20, keep_logits: bool = True, stop_strings: Sequence[str] = (),
+              **sampling: Any) -> Trace:
+        """Generate an answer to ``question`` about ``image`` and record every step.
+
+        Args:
+            image: path, PIL image or array; converted to RGB.
+            question: the bare question; the model's chat format is applied.
+            max_new_tokens: stop after this many tokens (also stops at EOS or a stop string).
+            capture: extra hooks to record at each step's new position, as a TransformerLens
+                names filter (a name, a list of names, or a predicate on names).
+            default_capture: record attention rows and residual streams (``Step.attention``,
+                ``Step.resid``); turn off to record only ``capture``.
+            prefill_cache: also keep the prefill's full-sequence activations in ``Trace.prefill``:
+                ``True`` for the vision encoder's hooks plus the language model's attention
+                patterns and residual streams, or a names filter.
+            dtype: dtype of recorded tensors (they are moved to CPU).
+            top_k: how many top next-token candidates each step keeps.
+            keep_logits: keep each step's full ``[d_vocab]`` logits.
+            stop_strings: stop once the decoded answer contains one of these.
+            **sampling: ``do_sample``, ``temperature``, ``top_p``, ``top_k`` is taken above so use
+                ``sample_top_k``, and ``seed``; greedy by default.
+        """
+        inputs, span = self.prepare(image, question)
+        prefill: dict[str, torch.Tensor] = {}
+        stop = ["max_new_tokens"]
+        if "sample_top_k" in sampling:
+            sampling["top_k"] = sampling.pop("sample_top_k")
+        steps = list(generate_steps(
+            self, inputs, max_new_tokens=max_new_tokens, sampling=Sampling(**sampling),
+            stop_strings=stop_strings, capture=capture, default_capture=default_capture,
+            prefill_cache=prefill_cache, dtype=dtype, top_k=top_k, keep_logits=keep_logits,
+            on_prefill=prefill.update, on_stop=lambda r: stop.__setitem__(0, r)))
+        ids = inputs.input_ids[0]
+        return Trace(
+            steps=steps, vision_span=span, prompt_ids=ids.cpu(),
+            prompt_tokens=self.tokenizer.convert_ids_to_tokens(ids.tolist()), question=question,
+            prompt=inputs.prompt, text=self.tokenizer.decode([s.token_id for s in steps], skip_special_tokens=True),
+            image=inputs.image, model_name=self.name, config=self.describe(), stop_reason=stop[0],
+            prefill=prefill,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """Sizes and names the views need, stored in each :class:`Trace`."""
+        vision = self.config.vision_config
+        return {
+            "family": self.family.name, "n_layers": self.n_layers, "n_heads": self.n_heads,
+            "d_model": self.d_model, "d_vocab": self.d_vocab,
+            "vision_layers": vision.num_hidden_layers, "vision_heads": vision.num_attention_heads,
+            "vision_image_size": vision.image_size, "vision_patch_size": vision.patch_size,
+            "vision_feature_layer": self.config.vision_feature_layer,
+            "vision_feature_select_strategy": self.config.vision_feature_select_strategy,
+        }

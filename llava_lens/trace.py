@@ -1,0 +1,156 @@
+"""The data everything downstream reads: a :class:`Trace` of generation :class:`Step` s.
+
+A Trace is plain data (tensors on CPU, strings, the image); views and analyses are pure
+functions of it. It saves to a directory as ``trace.safetensors`` + ``trace.json`` +
+``image.png`` and loads back without pickle.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from llava_lens.errors import LlavaLensError
+from llava_lens.families import VisionSpan
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Step:
+    """One generated token and what the model computed to produce it.
+
+    The activations are those of the *query position that produced the token*: for step 0 the
+    last prompt position (from the prefill), for step ``i > 0`` the position of token ``i - 1``.
+    That position attends over ``n_keys = prompt_len + index`` keys.
+    """
+
+    index: int
+    """0-based generation step."""
+    token_id: int
+    token: str
+    """The token as the tokenizer spells it (e.g. ``"▁red"``); ``Trace.text`` is the decoded answer."""
+    position: int
+    """Sequence position of the query that produced this token (``prompt_len - 1 + index``)."""
+    logits: Optional[torch.Tensor]
+    """``[d_vocab]`` final logits, or None when only top-k was kept."""
+    top_ids: torch.Tensor
+    """``[k]`` ids of the k most likely next tokens (k = ``top_k`` of the trace call)."""
+    top_logits: torch.Tensor
+    """``[k]`` their logits."""
+    attention: Optional[torch.Tensor] = None
+    """``[n_layers, n_heads, n_keys]``: the attention row of this query in every layer and head."""
+    resid: Optional[torch.Tensor] = None
+    """``[n_layers + 1, d_model]``: residual stream entering each block, then after the last."""
+    cache: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Other captured hooks (TransformerLens names), batch dim dropped, this position only."""
+
+    def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        """Tensors of this step keyed for safetensors."""
+        out = {f"{prefix}top_ids": self.top_ids, f"{prefix}top_logits": self.top_logits}
+        for name in ("logits", "attention", "resid"):
+            value = getattr(self, name)
+            if value is not None:
+                out[prefix + name] = value
+        out.update({f"{prefix}cache.{k}": v for k, v in self.cache.items()})
+        return out
+
+    @classmethod
+    def from_tensors(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor], prefix: str) -> "Step":
+        """Inverse of :meth:`to_tensors` (``meta`` holds the scalar fields)."""
+        cache_prefix = prefix + "cache."
+        cache = {k[len(cache_prefix):]: v for k, v in tensors.items() if k.startswith(cache_prefix)}
+        return cls(**meta, logits=tensors.get(prefix + "logits"), top_ids=tensors[prefix + "top_ids"],
+                   top_logits=tensors[prefix + "top_logits"], attention=tensors.get(prefix + "attention"),
+                   resid=tensors.get(prefix + "resid"), cache=cache)
+
+
+@dataclass
+class Trace:
+    """A whole generation: prompt, image layout, and one :class:`Step` per generated token."""
+
+    steps: list[Step]
+    vision_span: VisionSpan
+    prompt_ids: torch.Tensor
+    """``[prompt_len]`` token ids of the prompt, image placeholders expanded."""
+    prompt_tokens: list[str]
+    question: str
+    prompt: str
+    """The prompt text given to the processor (chat template applied)."""
+    text: str
+    """The generated answer, decoded."""
+    image: Image.Image
+    model_name: str
+    config: dict[str, Any]
+    """Sizes the views need: ``n_layers``, ``n_heads``, ``d_model``, ``d_vocab``, family..."""
+    stop_reason: str = "max_new_tokens"
+    """Why generation stopped: ``"eos"``, ``"stop_string"`` or ``"max_new_tokens"``."""
+    prefill: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Full-sequence prefill activations (batch dim dropped) when traced with ``prefill_cache``."""
+
+    @property
+    def token_ids(self) -> list[int]:
+        """Generated token ids, in order."""
+        return [s.token_id for s in self.steps]
+
+    @property
+    def tokens(self) -> list[str]:
+        """Generated tokens as the tokenizer spells them."""
+        return [s.token for s in self.steps]
+
+    @property
+    def all_tokens(self) -> list[str]:
+        """Prompt tokens followed by generated tokens: the labels of every key position."""
+        return self.prompt_tokens + self.tokens
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``trace.safetensors``, ``trace.json`` and ``image.png`` into ``directory``."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        tensors = {"prompt_ids": self.prompt_ids}
+        for step in self.steps:
+            tensors.update(step.to_tensors(f"steps.{step.index}."))
+        tensors.update({f"prefill.{k}": v for k, v in self.prefill.items()})
+        save_file({k: v.contiguous() for k, v in tensors.items()}, out / "trace.safetensors")
+        meta = {
+            "format_version": FORMAT_VERSION, "question": self.question, "prompt": self.prompt,
+            "text": self.text, "model_name": self.model_name, "config": self.config,
+            "stop_reason": self.stop_reason, "prompt_tokens": self.prompt_tokens,
+            "vision_span": self.vision_span.to_dict(),
+            "steps": [{"index": s.index, "token_id": s.token_id, "token": s.token, "position": s.position}
+                      for s in self.steps],
+        }
+        (out / "trace.json").write_text(json.dumps(meta, indent=1))
+        self.image.save(out / "image.png")
+        return out
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "Trace":
+        """Load a trace written by :meth:`save` (safetensors + JSON; no pickle)."""
+        d = Path(directory)
+        if not (d / "trace.json").is_file() or not (d / "trace.safetensors").is_file():
+            raise LlavaLensError(f"no saved trace in {d} (expected trace.json and trace.safetensors)")
+        meta = json.loads((d / "trace.json").read_text())
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise LlavaLensError(f"trace in {d} has format {meta.get('format_version')}, expected {FORMAT_VERSION}")
+        tensors = load_file(d / "trace.safetensors")
+        steps = [Step.from_tensors(m, tensors, f"steps.{m['index']}.") for m in meta["steps"]]
+        prefill = {k[len("prefill."):]: v for k, v in tensors.items() if k.startswith("prefill.")}
+        with Image.open(d / "image.png") as img:
+            image = img.convert("RGB")
+        return cls(
+            steps=steps, vision_span=VisionSpan.from_dict(meta["vision_span"]),
+            prompt_ids=tensors["prompt_ids"], prompt_tokens=meta["prompt_tokens"],
+            question=meta["question"], prompt=meta["prompt"], text=meta["text"], image=image,
+            model_name=meta["model_name"], config=meta["config"], stop_reason=meta["stop_reason"],
+            prefill=prefill,
+        )
