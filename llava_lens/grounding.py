@@ -1,0 +1,217 @@
+"""Where each generated token looked: vision-attention share and image-grounded maps.
+
+Pure functions of a :class:`~llava_lens.Trace` (the model is never run). ``S`` below is the
+number of generated steps, ``L`` language-model layers, ``H`` heads, ``n`` image-feature
+positions (``len(trace.vision_span)``), ``(rows, cols)`` a grid of ``trace.vision_span.grids``.
+
+Maps (each ``[S, rows, cols]``):
+
+- :func:`attention_map_mean`: LLM attention to image positions, mean over heads and layers.
+- :func:`attention_map_max`: max over heads, mean over layers.
+- :func:`vlm_visualizer_map`: VLM-Visualizer's combination: each image token's ViT attention
+  map, weighted by the LLM's attention to that token (base grid only).
+- :func:`vit_rollout_map`: ViT attention rollout (Abnar & Zuidema 2020), prompt-independent.
+
+:func:`paint` puts per-position values on an image-sized array via ``VisionSpan.boxes``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+from llava_lens.families import VisionSpan
+from llava_lens.trace import Trace
+
+SEGMENTS = ("image", "prompt", "generated")
+
+
+@dataclass
+class VisionShare:
+    """Share of each step's attention on image tokens, prompt text and generated text."""
+
+    shares: torch.Tensor
+    """``[S, L, H, 3]``: attention mass on ``SEGMENTS`` (image, prompt, generated); sums to 1."""
+    tokens: list[str] = field(default_factory=list)
+    """``S`` generated tokens."""
+    segments: tuple[str, ...] = SEGMENTS
+
+    @property
+    def per_layer(self) -> torch.Tensor:
+        """``[S, L, 3]``: mean over heads."""
+        return self.shares.mean(2)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """``[S, 3]``: mean over layers and heads."""
+        return self.shares.mean((1, 2))
+
+
+def _check_attention(trace: Trace) -> None:
+    if not trace.steps or trace.steps[0].attention is None:
+        raise ValueError("this view needs attention rows (trace with default_capture=True)")
+
+
+def _layers(trace: Trace, layers: Optional[Sequence[int]]) -> list[int]:
+    n = trace.config["n_layers"]
+    return list(range(n)) if layers is None else [layer % n for layer in layers]
+
+
+def vision_share(trace: Trace) -> VisionShare:
+    """Attention share on image / prompt-text / generated-text keys, per step, layer and head.
+
+    Image keys are all ``vision_span.positions`` (NeXT newline tokens included); prompt keys
+    the other prompt positions; generated keys the positions ``>= prompt_len``.
+    """
+    _check_attention(trace)
+    prompt_len = len(trace.prompt_ids)
+    is_image = torch.zeros(prompt_len, dtype=torch.bool)
+    is_image[trace.vision_span.positions] = True
+    rows = []
+    for step in trace.steps:
+        att = step.attention.float()  # [L, H, keys]
+        image = att[..., :prompt_len][..., is_image].sum(-1)
+        prompt = att[..., :prompt_len][..., ~is_image].sum(-1)
+        generated = att[..., prompt_len:].sum(-1)
+        rows.append(torch.stack([image, prompt, generated], dim=-1))
+    return VisionShare(torch.stack(rows), tokens=trace.tokens)
+
+
+def image_attention(trace: Trace, layers: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """``[S, len(layers), H, n]``: each step's attention on every image-feature position."""
+    _check_attention(trace)
+    sel = _layers(trace, layers)
+    pos = trace.vision_span.positions
+    return torch.stack([s.attention[sel][..., pos].float() for s in trace.steps])
+
+
+def attention_map_mean(trace: Trace, layers: Optional[Sequence[int]] = None, tile: int = 0) -> torch.Tensor:
+    """``[S, rows, cols]``: LLM attention to the patches of grid ``tile``, mean over heads and layers."""
+    per_pos = image_attention(trace, layers).mean(2).mean(1)
+    return trace.vision_span.to_grid(per_pos, tile)
+
+
+def attention_map_max(trace: Trace, layers: Optional[Sequence[int]] = None, tile: int = 0) -> torch.Tensor:
+    """``[S, rows, cols]``: LLM attention to the patches of grid ``tile``, max over heads, mean over layers."""
+    per_pos = image_attention(trace, layers).amax(2).mean(1)
+    return trace.vision_span.to_grid(per_pos, tile)
+
+
+def vit_layers_used(config: dict) -> list[int]:
+    """ViT layers whose output feeds the projector (``vision_feature_layer``, CLIP-style indexing)."""
+    n = config["vision_layers"]
+    feature_layers = config["vision_feature_layer"]
+    if not isinstance(feature_layers, (list, tuple)):
+        feature_layers = [feature_layers]
+    last = max(f if f >= 0 else n + 1 + f for f in feature_layers)
+    return list(range(last))  # hidden_states[k] is the output of layer k - 1
+
+
+def vit_attention(trace: Trace) -> torch.Tensor:
+    """``[V, heads, T, T]``: base-tile ViT attention of the layers feeding the projector.
+
+    ``T = 1 + patches`` (token 0 is CLS). Needs ``prefill_cache=True``.
+    """
+    mats = []
+    for layer in vit_layers_used(trace.config):
+        name = f"vision_encoder.encoder_layers.{layer}.attn.hook_pattern"
+        if name not in trace.prefill:
+            raise ValueError(f"{name} not in trace.prefill (trace with prefill_cache=True)")
+        pat = trace.prefill[name].float()
+        mats.append(pat[0] if pat.ndim == 4 else pat)  # NeXT: [tiles, heads, T, T]; tile 0 = base
+    return torch.stack(mats)
+
+
+def _base_feature_positions(span: VisionSpan) -> torch.Tensor:
+    """Indices into ``span`` of base-grid patches, ordered like the ViT's patch tokens."""
+    sel = (span.tile == 0).nonzero().flatten()
+    rows, cols = span.grids[0]
+    order = span.row[sel] * cols + span.col[sel]
+    return sel[order.argsort()]
+
+
+def vlm_visualizer_map(trace: Trace, layers: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """``[S, rows, cols]`` on the base grid: VLM-Visualizer's LLM x ViT attention combination.
+
+    The LLM's attention on each base-grid image token (mean over heads and ``layers``,
+    renormalised over those tokens) weights that token's ViT attention map (mean over heads and
+    the layers feeding the projector, CLS dropped, rows renormalised); the weighted maps are
+    summed and scaled to max 1.
+    """
+    vit = vit_attention(trace).mean(1)[:, 1:, 1:]  # [V, P, P], CLS dropped
+    vit = (vit / vit.sum(-1, keepdim=True)).mean(0)
+    idx = _base_feature_positions(trace.vision_span)
+    llm = image_attention(trace, layers).mean(2).mean(1)[:, idx]  # [S, P]
+    llm = llm / llm.sum(-1, keepdim=True).clamp_min(1e-12)
+    combined = llm @ vit  # [S, P]
+    combined = combined / combined.amax(-1, keepdim=True).clamp_min(1e-12)
+    rows, cols = trace.vision_span.grids[0]
+    return combined.reshape(-1, rows, cols)
+
+
+def vit_rollout(trace: Trace, query: str = "cls") -> torch.Tensor:
+    """``[rows, cols]``: ViT attention rollout over the layers feeding the projector.
+
+    Each layer's head-mean attention gets the residual (``0.5 A + 0.5 I``, rows renormalised);
+    the product over layers is read from the CLS row (``query="cls"``) or averaged over the
+    patch rows (``query="patches"``). Normalised to sum 1 over patches.
+    """
+    att = vit_attention(trace).mean(1)  # [V, T, T]
+    eye = torch.eye(att.shape[-1])
+    roll = eye
+    for a in att:
+        a = 0.5 * a + 0.5 * eye
+        roll = (a / a.sum(-1, keepdim=True)) @ roll
+    vec = roll[0, 1:] if query == "cls" else roll[1:, 1:].mean(0)
+    rows, cols = trace.vision_span.grids[0]
+    return (vec / vec.sum()).reshape(rows, cols)
+
+
+def vit_rollout_map(trace: Trace) -> torch.Tensor:
+    """``[S, rows, cols]``: :func:`vit_rollout` repeated per step (a prompt-independent baseline)."""
+    return vit_rollout(trace).expand(len(trace.steps), -1, -1).clone()
+
+
+MAPS = {
+    "llm_mean": attention_map_mean,
+    "llm_max": attention_map_max,
+    "vlm_visualizer": vlm_visualizer_map,
+    "vit_rollout": lambda trace, layers=None: vit_rollout_map(trace),
+}
+"""Named map functions ``f(trace, layers=None) -> [S, rows, cols]`` on the base grid."""
+
+
+def grid_to_positions(grid: torch.Tensor, span: VisionSpan, tile: int = 0) -> torch.Tensor:
+    """Inverse of ``VisionSpan.to_grid``: ``[..., rows, cols] -> [..., n]`` (0 off the tile)."""
+    out = grid.new_zeros(*grid.shape[:-2], len(span))
+    sel = span.tile == tile
+    out[..., sel] = grid[..., span.row[sel], span.col[sel]]
+    return out
+
+
+def paint(values: torch.Tensor, span: VisionSpan, tile: int = 0, size: Optional[tuple[int, int]] = None,
+          fill: float = 0.0) -> torch.Tensor:
+    """Paint per-position ``values [..., n]`` onto an image-sized array ``[..., H, W]``.
+
+    Each position of grid ``tile`` fills its box (``VisionSpan.boxes``, fractions of the
+    original image); ``size`` defaults to ``span.image_size``. Works for LLaVA-1.5 (centre
+    crop: outside stays ``fill``) and NeXT (``tile=1`` paints the high-resolution grid).
+    """
+    h, w = size or span.image_size
+    out = torch.full((*values.shape[:-1], h, w), fill, dtype=torch.float32)
+    sel = (span.tile == tile).nonzero().flatten()
+    boxes = span.boxes[sel]
+    tops, bottoms = (boxes[:, 0] * h).round().long(), (boxes[:, 2] * h).round().long()
+    lefts, rights = (boxes[:, 1] * w).round().long(), (boxes[:, 3] * w).round().long()
+    vals = values.float()
+    for i, t, b, l, r in zip(sel.tolist(), tops.tolist(), bottoms.tolist(), lefts.tolist(), rights.tolist()):
+        out[..., t:max(b, t + 1), l:max(r, l + 1)] = vals[..., i, None, None]
+    return out
+
+
+def paint_grid(grid: torch.Tensor, span: VisionSpan, tile: int = 0, size: Optional[tuple[int, int]] = None,
+               fill: float = 0.0) -> torch.Tensor:
+    """Paint a ``[..., rows, cols]`` map of grid ``tile`` onto ``[..., H, W]`` (see :func:`paint`)."""
+    return paint(grid_to_positions(grid, span, tile), span, tile, size, fill)
