@@ -120,12 +120,13 @@ class Trace:
         for step in self.steps:
             tensors.update(step.to_tensors(f"steps.{step.index}."))
         tensors.update({f"prefill.{k}": v for k, v in self.prefill.items()})
-        save_file({k: v.contiguous() for k, v in tensors.items()}, out / "trace.safetensors")
+        tensors, aliases = _dedupe(tensors)
+        save_file(tensors, out / "trace.safetensors")
         meta = {
             "format_version": FORMAT_VERSION, "question": self.question, "prompt": self.prompt,
             "text": self.text, "model_name": self.model_name, "config": self.config,
             "stop_reason": self.stop_reason, "prompt_tokens": self.prompt_tokens,
-            "vision_span": self.vision_span.to_dict(),
+            "vision_span": self.vision_span.to_dict(), "aliases": aliases,
             "steps": [{"index": s.index, "token_id": s.token_id, "token": s.token, "position": s.position}
                       for s in self.steps],
         }
@@ -143,6 +144,7 @@ class Trace:
         if meta.get("format_version") != FORMAT_VERSION:
             raise LlavaLensError(f"trace in {d} has format {meta.get('format_version')}, expected {FORMAT_VERSION}")
         tensors = load_file(d / "trace.safetensors")
+        tensors.update({alias: tensors[key] for alias, key in meta.get("aliases", {}).items()})
         steps = [Step.from_tensors(m, tensors, f"steps.{m['index']}.") for m in meta["steps"]]
         prefill = {k[len("prefill."):]: v for k, v in tensors.items() if k.startswith("prefill.")}
         with Image.open(d / "image.png") as img:
@@ -154,3 +156,23 @@ class Trace:
             model_name=meta["model_name"], config=meta["config"], stop_reason=meta["stop_reason"],
             prefill=prefill,
         )
+
+
+def _dedupe(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Store each tensor once: hook aliases (``hook_resid_pre`` = previous ``hook_out``...) share
+    memory, which safetensors refuses. Returns unique tensors and an alias -> stored-key map."""
+    unique: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    storages: set[int] = set()
+    for key, value in tensors.items():
+        ident = (value.data_ptr(), value.shape, value.stride(), value.dtype)
+        storage = value.untyped_storage().data_ptr()
+        if value.numel() and ident in seen:
+            aliases[key] = seen[ident]
+            continue
+        seen[ident] = key
+        # a different view of storage already stored (e.g. a slice of it) gets its own copy
+        unique[key] = value.clone() if storage in storages else value.contiguous()
+        storages.add(storage)
+    return unique, aliases

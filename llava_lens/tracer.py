@@ -135,6 +135,8 @@ def generate_steps(
     defaults = default_names(n_layers) if default_capture else []
     extra = as_predicate(capture)
     step_capture = Capture(bridge, lambda n: n in defaults or extra(n), last_position_only=True)
+    # A hook point caches under its canonical name and the alias asked for; keep what was asked.
+    keep_extra = lambda name: name not in defaults and extra(name)  # noqa: E731
     choose = sampling.chooser(lens.device)
     eos = lens.eos_token_ids
     to_cpu = _cpu_mover(dtype)
@@ -152,12 +154,12 @@ def generate_steps(
             logits, past = bridge(inputs.input_ids.to(lens.device), pixel_values=pixel_values,
                                   return_type="logits_and_cache", **model_kwargs)
         if prefill_cache and on_prefill is not None:
-            on_prefill({k: to_cpu(v) for k, v in prefill_store.items()})
+            on_prefill({k: to_cpu(v) for k, v in prefill_store.items() if names(k)})
         for index in range(max_new_tokens):
             last = logits[0, -1]
             token_id = choose(last)
             token_ids.append(token_id)
-            yield _make_step(index, token_id, prompt_len, last, store, defaults, n_layers,
+            yield _make_step(index, token_id, prompt_len, last, store, bool(defaults), keep_extra,
                              lens, to_cpu, top_k, keep_logits)
             reason = _stop_reason(token_ids, eos, stop_strings, lens, index + 1 == max_new_tokens)
             if reason:
@@ -182,15 +184,16 @@ def _cpu_mover(dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
     return to_cpu
 
 
-def _make_step(index, token_id, prompt_len, last_logits, store, defaults, n_layers, lens,
+def _make_step(index, token_id, prompt_len, last_logits, store, defaults, keep_extra, lens,
                to_cpu, top_k, keep_logits) -> Step:
     attention = resid = None
+    n_layers = lens.n_layers
     if defaults:
         # One stack + one device->host copy per step, not one per hook.
         attention = to_cpu(torch.stack([store[f"blocks.{i}.attn.hook_pattern"] for i in range(n_layers)]))
         resid = to_cpu(torch.stack([store[f"blocks.{i}.hook_resid_pre"] for i in range(n_layers)]
                                    + [store[f"blocks.{n_layers - 1}.hook_resid_post"]]))
-    cache = {k: to_cpu(v) for k, v in store.items() if k not in defaults}
+    cache = {k: to_cpu(v) for k, v in store.items() if keep_extra(k)}
     top = last_logits.topk(min(top_k, last_logits.shape[-1]))
     return Step(
         index=index, token_id=token_id, token=lens.tokenizer.convert_ids_to_tokens(token_id),
