@@ -1,0 +1,17 @@
+"""Views of a :class:`~llava_lens.Trace`: attention HTML (circuitsvis, offline), matplotlib
+figures, and :func:`export`, which writes them all under one directory."""
+
+from llava_lens.views.export import export
+from llava_lens.views.html import position_labels, write_attention_html
+from llava_lens.views.plots import (
+    plot_heatmap,
+    plot_heatmap_grid,
+    plot_logit_lens,
+    plot_target_curve,
+    plot_vision_share,
+)
+
+__all__ = [
+    "export", "write_attention_html", "position_labels", "plot_logit_lens", "plot_target_curve",
+    "plot_vision_share", "plot_heatmap", "plot_heatmap_grid",
+]
