@@ -1,0 +1,122 @@
+"""Held-out accuracy of the embedded ``shapes-tiny`` model, per question type.
+
+    python -m llava_lens.toy.evaluate [--model DIR] [--scenes 500]
+
+Conditions: the training distribution (held-out seeds), a blank image (the model must need the
+image: accuracy should stay near chance), and scenes drawn differently (a larger canvas, outlines
+instead of fills, a textured background). An answer is right when its words and punctuation equal
+the expected answer's (the word-level decoder may glue punctuation onto words).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from llava_lens.toy.scenes import COLORS, QTYPES, SHAPES, Style, blank_image, make_scene
+
+DEFAULT_MODEL = Path(__file__).parent / "shapes-tiny"
+HELD_OUT_BASE = 7 * 2**50  # training scene seeds stay below 2**50
+CONDITIONS = {
+    "held-out": Style(),
+    "blank image": Style(),
+    "canvas 96px": Style(size=96),
+    "canvas 48px": Style(size=48),
+    "outlines": Style(outline=True),
+    "textured bg": Style(texture=True),
+}
+# Accuracy of a guess that ignores the image, per question type (answers are balanced).
+CHANCE = {"color": 1 / len(COLORS), "shape": 1 / len(SHAPES), "count": 1 / 4, "position": 1 / 2,
+          "exists": 1 / 2}
+
+
+def normalize(text: str) -> list[str]:
+    """Lower-cased words and punctuation marks of an answer."""
+    return re.findall(r"[a-z]+|[^\sa-z]", text.lower())
+
+
+def held_out_qas(n_scenes: int, style: Style = Style(), base: int = HELD_OUT_BASE):
+    """``(image, question, answer, qtype)`` for every QA of ``n_scenes`` held-out scenes."""
+    rows = []
+    for k in range(n_scenes):
+        scene = make_scene(base + k, style)
+        rows.extend((scene.image, qa.question, qa.answer, qa.qtype) for qa in scene.qas)
+    return rows
+
+
+@torch.no_grad()
+def answer_batch(model, processor, images: list[np.ndarray], questions: list[str],
+                 max_new_tokens: int = 12) -> list[str]:
+    """Greedy answers of ``model`` to ``questions`` about ``images`` (one batch, left-padded)."""
+    tok = processor.tokenizer
+    prompts = [f"USER: <image>\n{q} ASSISTANT:" for q in questions]
+    tok.padding_side = "left"
+    pil = [Image.fromarray(im, "RGB") for im in images]
+    enc = processor(images=pil, text=prompts, return_tensors="pt", padding=True)
+    device = next(model.parameters()).device
+    enc = {k: v.to(device) for k, v in enc.items()}
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    return tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def accuracy(model, processor, rows, batch_size: int = 100, blank: bool = False) -> dict[str, float]:
+    """Fraction of exactly right answers per question type, plus ``overall``."""
+    right, total = defaultdict(int), defaultdict(int)
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i:i + batch_size]
+        images = [blank_image(r[0].shape[0]) if blank else r[0] for r in chunk]
+        answers = answer_batch(model, processor, images, [r[1] for r in chunk])
+        for (_, _, expected, qtype), got in zip(chunk, answers):
+            ok = normalize(got) == normalize(expected)
+            for key in (qtype, "overall"):
+                right[key] += ok
+                total[key] += 1
+    return {k: right[k] / total[k] for k in (*QTYPES, "overall") if total[k]}
+
+
+def chance_overall(rows) -> float:
+    """Expected accuracy of image-blind guessing on ``rows`` (question-type mix weighted)."""
+    return float(np.mean([CHANCE[r[3]] for r in rows]))
+
+
+def table(results: dict[str, dict[str, float]], chance: float) -> str:
+    """A Markdown table: one row per condition, one column per question type."""
+    cols = (*QTYPES, "overall")
+    lines = ["| condition | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    lines.append("| chance | " + " | ".join(f"{100 * CHANCE[c]:.1f}" for c in QTYPES) + f" | {100 * chance:.1f} |")
+    for name, acc in results.items():
+        lines.append(f"| {name} | " + " | ".join(f"{100 * acc.get(c, float('nan')):.1f}" for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def evaluate(model_dir: str | Path, n_scenes: int = 500, n_ood: int = 200, device: str = "cpu") -> str:
+    """Run every condition and return the Markdown accuracy table (percent)."""
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir).to(device).eval()
+    processor = AutoProcessor.from_pretrained(model_dir)
+    results, chance = {}, None
+    for name, style in CONDITIONS.items():
+        rows = held_out_qas(n_scenes if name in ("held-out", "blank image") else n_ood, style)
+        chance = chance if chance is not None else chance_overall(rows)
+        results[name] = accuracy(model, processor, rows, blank=name == "blank image")
+        print(name, {k: round(100 * v, 1) for k, v in results[name].items()}, flush=True)
+    return table(results, chance)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=str(DEFAULT_MODEL))
+    p.add_argument("--scenes", type=int, default=500)
+    p.add_argument("--ood-scenes", type=int, default=200)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    print(evaluate(a.model, a.scenes, a.ood_scenes, a.device))
