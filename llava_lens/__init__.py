@@ -2,18 +2,35 @@
 
     import llava_lens as ll
     lens = ll.load()                                  # embedded model; or "llava-hf/llava-1.5-7b-hf"
-    trace = lens.trace(image, "What color is the triangle?", max_new_tokens=32)
+    trace = lens.trace(image, "What color is the triangle?", max_new_tokens=32, prefill_cache=True)
     for step in lens.step(image, question): ...       # one Step (token + activations) per token
+    result = ll.logit_lens(trace, lens)               # what each layer would predict
+    ll.views.export(trace, "analysis_results/run", result)   # HTML, plots, heatmaps
 """
 
+from llava_lens import grounding, views
 from llava_lens.errors import ImageError, LlavaLensError, PromptError, UnsupportedModelError
 from llava_lens.families import VisionSpan
+from llava_lens.grounding import (
+    MAPS,
+    VisionShare,
+    attention_map_max,
+    attention_map_mean,
+    paint,
+    vision_share,
+    vit_rollout_map,
+    vlm_visualizer_map,
+)
 from llava_lens.inputs import build_prompt, load_image
+from llava_lens.lens import LogitLens, logit_lens, patch_words
 from llava_lens.model import LlavaLens, load
 from llava_lens.trace import Step, Trace
 
 __all__ = [
     "load", "LlavaLens", "Trace", "Step", "VisionSpan", "load_image", "build_prompt",
+    "logit_lens", "LogitLens", "patch_words",
+    "vision_share", "VisionShare", "attention_map_mean", "attention_map_max", "vlm_visualizer_map",
+    "vit_rollout_map", "paint", "MAPS", "grounding", "views",
     "LlavaLensError", "ImageError", "PromptError", "UnsupportedModelError",
 ]
 __version__ = "0.1.0"

@@ -157,8 +157,9 @@ class LlavaLens:
             default_capture: record attention rows and residual streams (``Step.attention``,
                 ``Step.resid``); turn off to record only ``capture``.
             prefill_cache: also keep the prefill's full-sequence activations in ``Trace.prefill``:
-                ``True`` for the vision encoder's hooks plus the language model's attention
-                patterns and residual streams, or a names filter.
+                ``True`` for the attention patterns and residual streams of every layer of the
+                vision encoder and of the language model, or a names filter (e.g.
+                ``lambda name: True`` for every hook; large on a 7B model).
             dtype: dtype of recorded tensors (they are moved to CPU).
             top_k: how many top next-token candidates each step keeps.
             keep_logits: keep each step's full ``[d_vocab]`` logits.

@@ -20,7 +20,7 @@ from llava_lens.trace import Step
 
 NamesFilter = Union[None, str, Sequence[str], Callable[[str], bool]]
 
-# What the vision encoder, attention and logit-lens views need from the prefill.
+# What the grounding, attention and logit-lens views need from the prefill (LM and vision encoder).
 PREFILL_DEFAULT_SUFFIXES = ("attn.hook_pattern", "hook_resid_pre", "hook_resid_post")
 
 
@@ -173,8 +173,8 @@ def generate_steps(
 
 def _prefill_names(prefill_cache: Union[bool, NamesFilter]) -> Callable[[str], bool]:
     if prefill_cache is True:
-        return lambda n: n.startswith("vision_encoder.") or (
-            n.startswith("blocks.") and n.endswith(PREFILL_DEFAULT_SUFFIXES))
+        return lambda n: n.startswith(("vision_encoder.encoder_layers.", "blocks.")) and n.endswith(
+            PREFILL_DEFAULT_SUFFIXES)
     return as_predicate(prefill_cache)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -58,8 +57,6 @@ def export(trace: Trace, out_dir: str | Path, lens_result: Optional[LogitLens] =
     written["vision_share"] = plots.plot_vision_share(grounding.vision_share(trace), out / "vision_share.png")
     written.update(_heatmaps(trace, out, map_name, layers))
     if save_trace:
-        # prefill tensors can share storage (hook_in / hook_resid_pre): clone so safetensors accepts them
-        copy = dataclasses.replace(trace, prefill={k: v.clone() for k, v in trace.prefill.items()})
-        copy.save(out)
+        trace.save(out)
         written["trace"] = [out / "trace.json", out / "trace.safetensors", out / "image.png"]
     return written
