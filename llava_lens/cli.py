@@ -1,37 +1,206 @@
-"""The ``llava-lens`` command line."""
+"""The ``llava-lens`` command line: ``demo``, ``trace``, ``sweep``, ``summary`` and ``report``.
+
+Every command writes only under its output folder and exits with a one-line message and a
+non-zero status on bad input (status 2) or interruption (130).
+"""
 
 from __future__ import annotations
 
 import argparse
+import html
+import json
+import re
 import sys
-from typing import Optional, Sequence
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Optional
 
 from llava_lens.errors import LlavaLensError
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEMO_QUESTION = "What is in the image?"
 
-def _cmd_trace(args: argparse.Namespace) -> int:
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (``llava-lens: error: ...``) and exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        """Print a one-line usage error and exit with status 2."""
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _load(args: argparse.Namespace) -> Any:
+    """Load ``--model`` on ``--device`` with ``--dtype`` (auto: bf16 on CUDA, fp32 on CPU)."""
+    import torch
+
     import llava_lens as ll
 
-    lens = ll.load(args.model, device=args.device)
-    trace = lens.trace(args.image, args.question, max_new_tokens=args.max_new_tokens)
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    return ll.load(args.model, device=args.device, dtype=dtype)
+
+
+def analyse_to_dir(lens: Any, image: Any, question: str, out: Path, layers: Optional[Sequence[int]] = None,
+                   max_new_tokens: int = 16) -> Any:
+    """Trace one example, export every view and the HTML report into ``out``; return the trace."""
+    import llava_lens as ll
+    from llava_lens.views.report import write_report
+
+    # prefill_cache: the ViT attention maps and prompt-position logit lens need the prefill
+    trace = lens.trace(image, question, max_new_tokens=max_new_tokens, prefill_cache=True)
+    result = ll.logit_lens(trace, lens, k=5)
+    ll.views.export(trace, out, result, layers=layers)
+    write_report(out, layers=layers)
+    return trace
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[:40] or "run"
+
+
+def _cmd_trace(args: argparse.Namespace) -> int:
+    from llava_lens.inputs import load_image
+
+    image = load_image(args.image)  # fail on a bad image before the (slow) model load
+    default = Path("analysis_results") / f"{_slug(Path(args.image).stem)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = Path(args.out) if args.out else default
+    lens = _load(args)
+    trace = analyse_to_dir(lens, image, args.question, out, args.layers, args.max_new_tokens)
     print(trace.text)
-    if args.out:
-        print(f"trace saved to {trace.save(args.out)}", file=sys.stderr)
+    print(f"views and report written to {out} (open {out / 'report.html'})", file=sys.stderr)
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``llava-lens``."""
-    parser = argparse.ArgumentParser(prog="llava-lens", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("trace", help="answer a question about an image and save the trace")
-    p.add_argument("image")
-    p.add_argument("question")
-    p.add_argument("--model", default=None, help="model directory or hub id (default: embedded model)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--device", default=None)
-    p.add_argument("--out", default=None, help="directory to save the trace in")
+def demo_examples(n_scenes: int = 3) -> list[tuple[str, Any, str]]:
+    """``(name, image, question)`` of the demo: built-in shape scenes plus matplotlib's sample photo."""
+    from matplotlib import cbook
+
+    from llava_lens.toy.scenes import make_scene
+
+    examples = []
+    for seed in range(n_scenes):
+        scene = make_scene(seed)
+        qa = scene.qas[seed % len(scene.qas)]  # vary the question type across scenes
+        examples.append((f"scene_{seed}_{qa.qtype}", scene.pil(), qa.question))
+    with cbook.get_sample_data("grace_hopper.jpg") as f:
+        examples.append(("grace_hopper", f.read(), DEMO_QUESTION))
+    return examples
+
+
+def _demo_index(out: Path, rows: list[tuple[str, str, str]]) -> Path:
+    """Write a small offline index page linking each example's report."""
+    items = "".join(f'<li><a href="{html.escape(name)}/report.html">{html.escape(name)}</a>: '
+                    f"{html.escape(q)} → <b>{html.escape(a)}</b></li>" for name, q, a in rows)
+    path = out / "index.html"
+    text = (f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>llava-lens demo</title>'
+            f"</head><body><h2>llava-lens demo</h2><ul>{items}</ul></body></html>\n")
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    lens = _load(args)
+    rows = []
+    for name, image, question in demo_examples(args.scenes):
+        trace = analyse_to_dir(lens, image, question, out / name, args.layers, args.max_new_tokens)
+        rows.append((name, question, trace.text))
+        print(f"{name}: {question} -> {trace.text!r}")
+    index = _demo_index(out, rows)
+    print(f"demo written to {out} (open {index})")
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from llava_lens import sweep
+
+    examples = sweep.iter_examples(args.data, args.question, args.question_column)
+    out = Path(args.out)
+    lens = _load(args)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {k: v for k, v in vars(args).items() if k != "func"}
+    (out / "sweep.json").write_text(json.dumps(config, indent=1, default=str))
+    counts = sweep.run_sweep(lens, examples, out, limit=args.limit, max_new_tokens=args.max_new_tokens,
+                             shard_size=args.shard_size, progress=not args.no_progress)
+    print(f"sweep: {counts['done']} analysed ({counts['errors']} errors), {counts['skipped']} already done; "
+          f"rows in {out}")
+    return 0
+
+
+def _cmd_summary(args: argparse.Namespace) -> int:
+    from llava_lens import sweep
+
+    summary = sweep.summarize(args.dir)
+    print(sweep.format_summary(summary))
+    plots = sweep.plot_summary(summary, args.dir)
+    (Path(args.dir) / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"plots: {', '.join(str(p) for p in plots)}", file=sys.stderr)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from llava_lens.views.report import write_report
+
+    print(write_report(args.run_dir, layers=args.layers))
+    return 0
+
+
+def _model_options() -> argparse.ArgumentParser:
+    """Options shared by every command that runs a model."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--model", default=None, help="model folder or hub id (default: embedded shapes-tiny)")
+    p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:1 (default: cuda if any)")
+    p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bf16 on CUDA, else fp32")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="stop each answer after N tokens")
+    return p
+
+
+def _layers_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--layers", type=int, nargs="+", default=None,
+                   help="LM layers for the attention pages and heatmaps (negative counts from the end)")
+
+
+def _add_commands(sub: Any, model: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("demo", parents=[model], help="run the model on built-in examples and write reports",
+                       description="Trace a few built-in shape scenes and a sample photo; one report each.")
+    p.add_argument("--out", default="analysis_results/demo", help="output folder")
+    p.add_argument("--scenes", type=int, default=3, help="number of built-in shape scenes")
+    _layers_option(p)
+    p.set_defaults(func=_cmd_demo)
+    p = sub.add_parser("trace", parents=[model], help="answer a question about an image; views + report",
+                       description="Generate an answer, then write the views and report.html.")
+    p.add_argument("image", help="image file")
+    p.add_argument("question", help="question about the image")
+    p.add_argument("--out", default=None, help="output folder (default: analysis_results/<image>-<time>)")
+    _layers_option(p)
     p.set_defaults(func=_cmd_trace)
+    p = sub.add_parser("sweep", parents=[model], help="logit-lens sweep over a dataset (resumable Parquet)",
+                       description="One Parquet row per example; re-run the same command to resume.")
+    p.add_argument("data", help="image folder, saved `datasets` dataset, or .parquet/.csv manifest")
+    q = p.add_mutually_exclusive_group(required=True)
+    q.add_argument("--question", help="the question asked about every image")
+    q.add_argument("--question-column", help="column of the data holding each example's question")
+    p.add_argument("--out", required=True, help="output folder for the Parquet shards")
+    p.add_argument("--limit", type=int, default=None, help="only the first N examples")
+    p.add_argument("--shard-size", type=int, default=8, help="rows per Parquet shard (written atomically)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_sweep)
+    p = sub.add_parser("summary", help="aggregate a sweep: emergence, vision share, accuracy; plots",
+                       description="Print a summary of a sweep; write plots + summary.json into DIR.")
+    p.add_argument("dir", help="the sweep's --out folder")
+    p.set_defaults(func=_cmd_summary)
+    p = sub.add_parser("report", help="write RUN_DIR/report.html, one self-contained offline file",
+                       description="Build report.html from the views written by demo/trace.")
+    p.add_argument("run_dir", help="a folder written by `llava-lens trace` or views.export")
+    _layers_option(p)
+    p.set_defaults(func=_cmd_report)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser of ``llava-lens``."""
+    parser = _Parser(prog="llava-lens", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_commands(sub, _model_options())
     return parser
 
 
@@ -43,6 +212,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except LlavaLensError as err:
         print(f"llava-lens: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # unwritable output folder, unreadable data file...
+        print(f"llava-lens: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("llava-lens: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

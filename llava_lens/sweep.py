@@ -24,6 +24,8 @@ from typing import Any, Optional
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from llava_lens.errors import LlavaLensError
+
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 ID_COLUMNS = ("id", "example_id")
 IMAGE_COLUMNS = ("image", "image_path", "path", "file")
@@ -50,7 +52,7 @@ class Example:
     target: Optional[str] = None
 
 
-class SweepError(ValueError):
+class SweepError(LlavaLensError, ValueError):
     """Bad sweep input (unknown data layout, missing column...)."""
 
 
