@@ -53,7 +53,7 @@ def test_sources_give_stable_ids(tmp_path):
     assert [e.id for e in man] == [f"imgs/{n}#{i}" for i, n in enumerate(names)]
     assert [e.target for e in man] == ["a0", "a1", "a2"] and man[1].question == "what 1 ?"
     assert man[0].image == tmp_path / "imgs" / names[0]
-    (tmp_path / "m.csv").write_text("id,image,question\nx1,imgs/%s,hi ?\n" % names[0])
+    (tmp_path / "m.csv").write_text(f"id,image,question\nx1,imgs/{names[0]},hi ?\n")
     (csv_ex,) = sweep.iter_examples(tmp_path / "m.csv", question_column="question")
     assert (csv_ex.id, csv_ex.question, csv_ex.target) == ("x1", "hi ?", None)
     with pytest.raises(sweep.SweepError, match="question column 'nope'"):
@@ -100,7 +100,8 @@ def test_limit_stale_tmp_and_duplicate_ids(lens, tmp_path):
     (out / ".part-0-00000.tmp").write_bytes(b"half a shard")  # as left by a kill during a write
     sweep.run_sweep(lens, sweep.iter_examples(data, "q"), out, limit=2, max_new_tokens=1, progress=False)
     assert not list(out.glob("*.tmp")) and len(sweep.read_rows(out)) == 2
-    again = sweep.run_sweep(lens, sweep.iter_examples(data, "q"), out, limit=3, max_new_tokens=1, progress=False)
+    again = sweep.run_sweep(lens, sweep.iter_examples(data, "q"), out, limit=3, max_new_tokens=1,
+                            progress=False)
     assert again == {"done": 1, "skipped": 2, "errors": 0}
     dup = [sweep.Example("same", data / "img_00.png", "q"), sweep.Example("same", data / "img_02.png", "q")]
     sweep.run_sweep(lens, iter(dup), out, max_new_tokens=1, progress=False)
@@ -111,7 +112,8 @@ def test_limit_stale_tmp_and_duplicate_ids(lens, tmp_path):
 def test_summary_with_targets(lens, tmp_path):
     names = _images(tmp_path / "imgs", 3)
     first = lens.trace(tmp_path / "imgs" / names[0], "what ?", max_new_tokens=2).text
-    rows = [{"image": f"imgs/{n}", "answer": first if i == 0 else "definitely wrong"} for i, n in enumerate(names)]
+    rows = [{"image": f"imgs/{n}", "answer": first if i == 0 else "definitely wrong"}
+            for i, n in enumerate(names)]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "m.parquet")
     out = tmp_path / "out"
     sweep.run_sweep(lens, sweep.iter_examples(tmp_path / "m.parquet", "what ?"), out, max_new_tokens=2,
