@@ -58,3 +58,20 @@ def test_lr_schedule():
     assert lr_at(0, 100, 1.0, 10) == 0.1
     assert lr_at(10, 100, 1.0, 10) == 1.0
     assert abs(lr_at(100, 100, 1.0, 10) - 0.05) < 1e-9
+
+
+def test_training_pixels_match_the_processor(tmp_path):
+    """Training normalises pixels itself; it must be what the saved processor gives at inference."""
+    import numpy as np
+    from PIL import Image
+
+    from llava_lens.toy.scenes import make_scene
+    from llava_lens.toy.train import pixels
+
+    _run(tmp_path / "m", 1)
+    processor = AutoProcessor.from_pretrained(tmp_path / "m")
+    images = [make_scene(s, Style(size=32)).image for s in range(3)]
+    ours = pixels(images)
+    theirs = processor.image_processor([Image.fromarray(i) for i in images], return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(ours, theirs, atol=2e-2, rtol=0)
+    assert np.abs((ours - theirs).numpy()).mean() < 2e-3

@@ -1,6 +1,6 @@
 """Train the embedded ``shapes-tiny`` LLaVA from scratch on procedural shape scenes.
 
-    python -m llava_lens.toy.train --out llava_lens/toy/shapes-tiny --steps 3000
+    python -m llava_lens.toy.train --out /tmp/shapes-run --steps 5000
 
 The model (CLIP ViT + Llama + MLP projector, built by :func:`llava_lens.toy.build.build_llava`)
 is teacher-forced on ``USER: <image>\\n{question} ASSISTANT: {answer}</s>`` with the loss on the
@@ -130,7 +130,8 @@ def train(args: argparse.Namespace) -> dict:
     """Run (or resume) training; writes checkpoints under ``out/checkpoint`` and the final model to ``out``."""
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    out, ckpt = Path(args.out), Path(args.out) / "checkpoint"
+    out = Path(args.out)
+    ckpt = Path(args.checkpoint_dir) if args.checkpoint_dir else out / "checkpoint"
     sizes = TINY_SIZES if args.tiny else SIZES
     model, processor = build(out, sizes, args.seed)
     device = torch.device(args.device)
@@ -168,7 +169,7 @@ def train(args: argparse.Namespace) -> dict:
     model.eval().to("cpu").save_pretrained(out)
     processor.save_pretrained(out)
     log = {"seed": args.seed, "steps": state["step"], "batch_size": args.batch_size, "lr": args.lr,
-           "sizes": sizes, "seconds": round(state["seconds"], 1), "losses": state["losses"]}
+           "sizes": sizes, "threads": args.threads, "seconds": round(state["seconds"], 1), "losses": state["losses"]}
     (out / "train_log.json").write_text(json.dumps(log, indent=1))
     return log
 
@@ -177,12 +178,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     """Command-line arguments of ``python -m llava_lens.toy.train``."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(DEFAULT_OUT))
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--steps", type=int, default=5000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=48)
+    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--warmup", type=int, default=150)
-    p.add_argument("--resume", action="store_true")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint, if any")
+    p.add_argument("--checkpoint-dir", default=None, help="default: OUT/checkpoint (not part of the shipped model)")
     p.add_argument("--save-every", type=int, default=200)
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)

@@ -1,0 +1,62 @@
+"""The shipped shapes-tiny checkpoint: size, format, loading through llava_lens.load(), accuracy."""
+
+import re
+
+import pytest
+
+import llava_lens as ll
+from llava_lens.model import EMBEDDED_MODELS
+from llava_lens.toy.evaluate import HELD_OUT_BASE
+from llava_lens.toy.scenes import QTYPES, make_scene
+
+CKPT = EMBEDDED_MODELS["shapes-tiny"]
+
+
+def _words(text):
+    return re.findall(r"[a-z]+|[^\sa-z]", text.lower())
+
+
+def _questions(n_per_type=4, first=HELD_OUT_BASE + 10_000):
+    """Held-out (never trained on) QAs, ``n_per_type`` of each question type; truth from the generator."""
+    picked, seed = {q: [] for q in QTYPES}, first
+    while any(len(v) < n_per_type for v in picked.values()):
+        scene = make_scene(seed)
+        for qa in scene.qas:
+            if len(picked[qa.qtype]) < n_per_type:
+                picked[qa.qtype].append((scene.image, qa.question, qa.answer))
+        seed += 1
+    return [row for rows in picked.values() for row in rows]
+
+
+@pytest.fixture(scope="module")
+def toy_lens():
+    return ll.load(device="cpu")
+
+
+def test_checkpoint_is_small_safetensors():
+    files = [p for p in CKPT.rglob("*") if p.is_file()]
+    assert (CKPT / "model.safetensors").is_file() and (CKPT / "config.json").is_file()
+    assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
+    assert sum(p.stat().st_size for p in files) <= 20 * 2**20
+
+
+def test_default_and_named_load_the_embedded_model(toy_lens):
+    assert toy_lens.name == "shapes-tiny"
+    assert toy_lens.config.vision_config.image_size // toy_lens.config.vision_config.patch_size >= 8
+    assert toy_lens.n_layers >= 2
+
+
+def test_answers_held_out_questions(toy_lens):
+    rows = _questions()
+    assert len(rows) == 20
+    right = []
+    for image, question, answer in rows:
+        got = toy_lens.trace(image, question, max_new_tokens=12, default_capture=False, keep_logits=False).text
+        right.append(_words(got) == _words(answer))
+    assert sum(right) >= 18, [(q, a) for (_, q, a), ok in zip(rows, right) if not ok]
+
+
+def test_loading_by_name_gives_the_same_model(toy_lens):
+    other = ll.load("shapes-tiny", device="cpu")
+    a, b = toy_lens.hf_model.state_dict(), other.hf_model.state_dict()
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
