@@ -130,7 +130,7 @@ class LlavaLens:
     def step(self, image: ImageLike, question: str, max_new_tokens: int = 32, *,
              capture: NamesFilter = None, default_capture: bool = True, dtype: torch.dtype = torch.float32,
              top_k: int = 20, keep_logits: bool = True, stop_strings: Sequence[str] = (),
-             **sampling: Any) -> Iterator[Step]:
+             fast: bool = True, **sampling: Any) -> Iterator[Step]:
         """Generate token by token, yielding a :class:`Step` (with its activations) per token.
 
         Same arguments as :meth:`trace`, without ``prefill_cache``. Break out of the loop any time.
@@ -139,13 +139,13 @@ class LlavaLens:
         yield from generate_steps(
             self, inputs, max_new_tokens=max_new_tokens, sampling=Sampling(**sampling),
             stop_strings=stop_strings, capture=capture, default_capture=default_capture,
-            dtype=dtype, top_k=top_k, keep_logits=keep_logits)
+            dtype=dtype, top_k=top_k, keep_logits=keep_logits, fast=fast)
 
     def trace(self, image: ImageLike, question: str, max_new_tokens: int = 32, *,
               capture: NamesFilter = None, default_capture: bool = True,
               prefill_cache: Union[bool, NamesFilter] = False, dtype: torch.dtype = torch.float32,
               top_k: int = 20, keep_logits: bool = True, stop_strings: Sequence[str] = (),
-              **sampling: Any) -> Trace:
+              fast: bool = True, **sampling: Any) -> Trace:
         """Generate an answer to ``question`` about ``image`` and record every step.
 
         Args:
@@ -164,6 +164,10 @@ class LlavaLens:
             top_k: how many top next-token candidates each step keeps.
             keep_logits: keep each step's full ``[d_vocab]`` logits.
             stop_strings: stop once the decoded answer contains one of these.
+            fast: when only the default capture is asked for and no hooks are attached to the
+                bridge, run HF's own modules with sdpa and compute just each step's attention
+                row (see :mod:`llava_lens.fastpath`); otherwise, or with ``fast=False``, every
+                forward goes through the bridge and every TransformerLens hook fires.
             **sampling: ``do_sample``, ``temperature``, ``top_p``, ``top_k`` is taken above so use
                 ``sample_top_k``, and ``seed``; greedy by default.
         """
@@ -175,7 +179,7 @@ class LlavaLens:
         steps = list(generate_steps(
             self, inputs, max_new_tokens=max_new_tokens, sampling=Sampling(**sampling),
             stop_strings=stop_strings, capture=capture, default_capture=default_capture,
-            prefill_cache=prefill_cache, dtype=dtype, top_k=top_k, keep_logits=keep_logits,
+            prefill_cache=prefill_cache, dtype=dtype, top_k=top_k, keep_logits=keep_logits, fast=fast,
             on_prefill=prefill.update, on_stop=lambda r: stop.__setitem__(0, r)))
         ids = inputs.input_ids[0]
         return Trace(

@@ -16,6 +16,7 @@ import torch
 from transformer_lens.utilities.slice import Slice
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
+from llava_lens import fastpath
 from llava_lens.trace import Step
 
 NamesFilter = Union[None, str, Sequence[str], Callable[[str], bool]]
@@ -108,6 +109,35 @@ class Capture:
                 point.fwd_hooks[:] = [h for h in point.fwd_hooks if h is not handle]
 
 
+class BridgeForward:
+    """Forward passes through the TransformerLens bridge: every hook point fires."""
+
+    def __init__(self, lens: Any, capture: Callable[[str], bool], default_capture: bool):
+        self.bridge, self.n_layers = lens.bridge, lens.n_layers
+        self.defaults = default_names(self.n_layers) if default_capture else []
+        self.capture = Capture(self.bridge, lambda n: n in self.defaults or capture(n), last_position_only=True)
+        # A hook point caches under its canonical name and the alias asked for; keep what was asked.
+        self.keep = lambda name: name not in self.defaults and capture(name)  # noqa: E731
+
+    def __call__(self, prefill_names: Optional[Callable[[str], bool]] = None, **kwargs: Any):
+        """One forward; returns (last logits, KV cache, captures, prefill captures)."""
+        with contextlib.ExitStack() as stack:
+            store = stack.enter_context(self.capture.attached())
+            prefill = stack.enter_context(Capture(self.bridge, prefill_names, False).attached()) \
+                if prefill_names else {}
+            input_ids = kwargs.pop("input_ids")
+            logits, past = self.bridge(input_ids, return_type="logits_and_cache", **kwargs)
+        captured = {k: v for k, v in store.items() if self.keep(k)}
+        if self.defaults:
+            # One stack (and later one device->host copy) per step, not one per hook.
+            n = self.n_layers
+            captured["attention"] = torch.stack([store[f"blocks.{i}.attn.hook_pattern"] for i in range(n)])
+            captured["resid"] = torch.stack([store[f"blocks.{i}.hook_resid_pre"] for i in range(n)]
+                                            + [store[f"blocks.{n - 1}.hook_resid_post"]])
+        prefill = {k: v for k, v in prefill.items() if prefill_names(k)} if prefill_names else {}
+        return logits[0, -1], past, captured, prefill
+
+
 def generate_steps(
     lens: Any,
     inputs: Any,
@@ -121,6 +151,7 @@ def generate_steps(
     dtype: torch.dtype = torch.float32,
     top_k: int = 20,
     keep_logits: bool = True,
+    fast: bool = True,
     on_prefill: Optional[Callable[[dict[str, torch.Tensor]], None]] = None,
     on_stop: Optional[Callable[[str], None]] = None,
 ) -> Iterator[Step]:
@@ -131,44 +162,41 @@ def generate_steps(
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    bridge, n_layers = lens.bridge, lens.n_layers
-    defaults = default_names(n_layers) if default_capture else []
-    extra = as_predicate(capture)
-    step_capture = Capture(bridge, lambda n: n in defaults or extra(n), last_position_only=True)
-    # A hook point caches under its canonical name and the alias asked for; keep what was asked.
-    keep_extra = lambda name: name not in defaults and extra(name)  # noqa: E731
+    bridged = BridgeForward(lens, as_predicate(capture), default_capture)
+    # The fast path captures exactly the default set; anything else needs the bridge's hooks.
+    fast = fast and default_capture and capture is None and fastpath.supported(lens)
+    unbridged = fastpath.FastForward(lens) if fast else None
+
+    def forward(**kwargs: Any):
+        if unbridged is not None and "prefill_names" not in kwargs and not fastpath.bridge_has_hooks(lens.bridge):
+            return (*unbridged(**kwargs), {})
+        return bridged(**kwargs)
+
     choose = sampling.chooser(lens.device)
-    eos = lens.eos_token_ids
     to_cpu = _cpu_mover(dtype)
     prompt_len = inputs.input_ids.shape[1]
-    model_kwargs = {k: v.to(lens.device) for k, v in inputs.extra.items()}
-    pixel_values = inputs.pixel_values.to(lens.device, lens.dtype)
+    first = {k: v.to(lens.device) for k, v in inputs.extra.items()}
+    first["pixel_values"] = inputs.pixel_values.to(lens.device, lens.dtype)
+    if prefill_cache:
+        first["prefill_names"] = _prefill_names(prefill_cache)
     token_ids: list[int] = []
-
     with torch.inference_mode():
-        with contextlib.ExitStack() as stack:
-            store = stack.enter_context(step_capture.attached())
-            if prefill_cache:
-                names = _prefill_names(prefill_cache)
-                prefill_store = stack.enter_context(Capture(bridge, names, False).attached())
-            logits, past = bridge(inputs.input_ids.to(lens.device), pixel_values=pixel_values,
-                                  return_type="logits_and_cache", **model_kwargs)
-        if prefill_cache and on_prefill is not None:
-            on_prefill({k: to_cpu(v) for k, v in prefill_store.items() if names(k)})
-        for index in range(max_new_tokens):
-            last = logits[0, -1]
-            token_id = choose(last)
-            token_ids.append(token_id)
-            yield _make_step(index, token_id, prompt_len, last, store, bool(defaults), keep_extra,
-                             lens, to_cpu, top_k, keep_logits)
-            reason = _stop_reason(token_ids, eos, stop_strings, lens, index + 1 == max_new_tokens)
-            if reason:
-                if on_stop is not None:
-                    on_stop(reason)
-                return
-            with step_capture.attached() as store:
-                token = torch.tensor([[token_id]], device=lens.device)
-                logits, past = bridge(token, past_key_values=past, return_type="logits_and_cache")
+        last, past, captured, prefill = forward(input_ids=inputs.input_ids.to(lens.device), **first)
+    if on_prefill is not None and prefill:
+        on_prefill({k: to_cpu(v) for k, v in prefill.items()})
+    for index in range(max_new_tokens):
+        token_id = choose(last)
+        token_ids.append(token_id)
+        yield _make_step(index, token_id, prompt_len, last, captured, lens, to_cpu, top_k, keep_logits)
+        reason = _stop_reason(token_ids, lens.eos_token_ids, stop_strings, lens,
+                              index + 1 == max_new_tokens)
+        if reason:
+            if on_stop is not None:
+                on_stop(reason)
+            return
+        with torch.inference_mode():
+            token = torch.tensor([[token_id]], device=lens.device)
+            last, past, captured, _ = forward(input_ids=token, past_key_values=past)
 
 
 def _prefill_names(prefill_cache: Union[bool, NamesFilter]) -> Callable[[str], bool]:
@@ -184,22 +212,15 @@ def _cpu_mover(dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
     return to_cpu
 
 
-def _make_step(index, token_id, prompt_len, last_logits, store, defaults, keep_extra, lens,
-               to_cpu, top_k, keep_logits) -> Step:
-    attention = resid = None
-    n_layers = lens.n_layers
-    if defaults:
-        # One stack + one device->host copy per step, not one per hook.
-        attention = to_cpu(torch.stack([store[f"blocks.{i}.attn.hook_pattern"] for i in range(n_layers)]))
-        resid = to_cpu(torch.stack([store[f"blocks.{i}.hook_resid_pre"] for i in range(n_layers)]
-                                   + [store[f"blocks.{n_layers - 1}.hook_resid_post"]]))
-    cache = {k: to_cpu(v) for k, v in store.items() if keep_extra(k)}
+def _make_step(index, token_id, prompt_len, last_logits, captured, lens, to_cpu, top_k,
+               keep_logits) -> Step:
+    captured = {k: to_cpu(v) for k, v in captured.items()}
     top = last_logits.topk(min(top_k, last_logits.shape[-1]))
     return Step(
         index=index, token_id=token_id, token=lens.tokenizer.convert_ids_to_tokens(token_id),
         position=prompt_len - 1 + index, logits=to_cpu(last_logits) if keep_logits else None,
         top_ids=top.indices.cpu(), top_logits=to_cpu(top.values),
-        attention=attention, resid=resid, cache=cache,
+        attention=captured.pop("attention", None), resid=captured.pop("resid", None), cache=captured,
     )
 
 

@@ -43,11 +43,15 @@ def test_greedy_tokens_equal_hf_generate(which, lens, next_lens, llava_dir, next
 
 
 @pytest.mark.parametrize("which", ["llava", "llava_next"])
-def test_steps_equal_no_cache_recompute(which, lens, next_lens, image):
+@pytest.mark.parametrize("path", ["fast", "bridge"])
+def test_steps_equal_no_cache_recompute(which, path, lens, next_lens, image):
     """Each step's attention rows and residuals equal a full run_with_cache of the same prefix
-    (the original notebook's slow method), within 1e-5."""
+    (the original notebook's slow method), within 1e-5 — on the fast path (HF modules + sdpa +
+    one attention row per layer) and on the bridge path (every hook fires; forced here by an
+    extra capture)."""
     lens_ = lens if which == "llava" else next_lens
-    trace = lens_.trace(image, QUESTION, max_new_tokens=6, capture=["blocks.0.hook_mlp_out"])
+    extra = ["blocks.0.hook_mlp_out"] if path == "bridge" else None
+    trace = lens_.trace(image, QUESTION, max_new_tokens=6, capture=extra)
     inputs, _ = lens_.prepare(image, QUESTION)
     n_layers = lens_.n_layers
     for step in trace.steps:
@@ -64,8 +68,9 @@ def test_steps_equal_no_cache_recompute(which, lens, next_lens, image):
         torch.testing.assert_close(step.attention, attn, atol=1e-5, rtol=0)
         torch.testing.assert_close(step.resid, resid, atol=1e-5, rtol=0)
         torch.testing.assert_close(step.logits, logits[0, -1], atol=1e-4, rtol=0)
-        torch.testing.assert_close(step.cache["blocks.0.hook_mlp_out"], cache["blocks.0.hook_mlp_out"][0, -1],
-                                   atol=1e-5, rtol=0)
+        if extra:
+            torch.testing.assert_close(step.cache["blocks.0.hook_mlp_out"],
+                                       cache["blocks.0.hook_mlp_out"][0, -1], atol=1e-5, rtol=0)
         assert step.token_id == int(logits[0, -1].argmax())
 
 
@@ -182,3 +187,41 @@ def test_trace_save_load_round_trip(lens, image, tmp_path):
 def test_load_of_missing_trace_is_clear(tmp_path):
     with pytest.raises(ll.LlavaLensError, match="no saved trace"):
         ll.Trace.load(tmp_path)
+
+
+def test_fast_path_is_used_and_leaves_the_bridge_intact(lens, image, monkeypatch):
+    from llava_lens import fastpath
+
+    calls = []
+    original = fastpath.FastForward.__call__
+    monkeypatch.setattr(fastpath.FastForward, "__call__", lambda self, **kw: calls.append(1) or original(self, **kw))
+    fast = lens.trace(image, QUESTION, max_new_tokens=4)
+    assert len(calls) == 4  # prefill + 3 decode steps
+    slow = lens.trace(image, QUESTION, max_new_tokens=4, fast=False)
+    assert len(calls) == 4
+    assert fast.token_ids == slow.token_ids
+    for a, b in zip(fast.steps, slow.steps):
+        torch.testing.assert_close(a.attention, b.attention, atol=1e-6, rtol=0)
+        torch.testing.assert_close(a.resid, b.resid, atol=1e-6, rtol=0)
+    # the bridge is whole again: its components are back in the HF model, attention is eager
+    from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
+    assert isinstance(lens.hf_model.model.language_model.layers[0], GeneralizedComponent)
+    assert lens.hf_model.config.text_config._attn_implementation == "eager"
+    inputs, _ = lens.prepare(image, QUESTION)
+    _, cache = lens.bridge.run_with_cache(inputs.input_ids, pixel_values=inputs.pixel_values)
+    assert "blocks.0.attn.hook_pattern" in cache
+
+
+def test_user_hooks_switch_to_the_bridge_path(lens, image):
+    """A hook attached by the user fires on every step (so the fast path must stand aside)."""
+    seen = []
+
+    def record(pattern, hook):
+        seen.append(pattern.shape[-2])
+        return pattern
+
+    with lens.bridge.hooks(fwd_hooks=[("blocks.1.attn.hook_pattern", record)]):
+        trace = lens.trace(image, QUESTION, max_new_tokens=4)
+    prompt_len = len(trace.prompt_ids)
+    assert seen == [prompt_len] + [1] * (len(trace) - 1)
+

@@ -1,0 +1,140 @@
+"""Fast forward passes for tracing: Hugging Face's own modules and sdpa kernels, capturing only
+the attention row of the last query and the residual stream at it.
+
+Booting the bridge replaces every submodule of the HF model by a TransformerLens component that
+re-implements attention eagerly and routes each intermediate through a hook point. That is what
+makes every hook available, and it costs (measured in ``benchmarks/bench_trace.py``) most of the
+time of a generation step. When a trace asks only for the default capture (attention rows and
+residual stream) and nobody has hooks on the bridge, this module instead
+
+* puts the original HF modules back in place for the duration of one forward pass,
+* runs attention with sdpa through a registered HF attention function that also computes
+  ``softmax(q_last · Kᵀ · scale)`` for the last query from the keys it was given (the new key
+  already appended to the KV cache), i.e. one row per layer instead of a full eager matrix,
+* reads the residual stream with plain forward pre-hooks on the decoder layers.
+
+The tests check it against the bridge path and against a no-cache ``run_with_cache`` recompute.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, Optional
+
+import torch
+from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+ROW_ATTENTION = "llava_lens_sdpa_row"
+# Text towers whose attention goes through HF's attention interface with standard q/k layout.
+SUPPORTED_TEXT_MODELS = ("llama", "mistral", "qwen2")
+
+_sink: Optional[dict[int, torch.Tensor]] = None  # where the attention function leaves its rows
+
+
+def _sdpa_with_last_row(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                        value: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                        scaling: Optional[float] = None, **kwargs: Any):
+    """sdpa attention that also records the last query's attention row in ``_sink``."""
+    out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    if _sink is not None:
+        keys = repeat_kv(key, query.shape[1] // key.shape[1])[0]  # [heads, keys, d_head]
+        q = query[0, :, -1:].float()                               # [heads, 1, d_head]
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        scores = (q @ keys.float().transpose(-1, -2))[:, 0] * scale  # [heads, keys]
+        if attention_mask is not None:  # sliding windows, padding: apply the last query's mask row
+            row = attention_mask[0, :, -1, : keys.shape[1]]
+            scores = scores.masked_fill(~row, float("-inf")) if row.dtype == torch.bool else scores + row
+        _sink[module.layer_idx] = scores.softmax(-1)
+    return out, None
+
+
+AttentionInterface.register(ROW_ATTENTION, _sdpa_with_last_row)
+ALL_MASK_ATTENTION_FUNCTIONS.register(ROW_ATTENTION, sdpa_mask)
+
+
+def supported(lens: Any) -> bool:
+    """Whether this model's text tower can run on the fast path."""
+    return getattr(lens.config.text_config, "model_type", "") in SUPPORTED_TEXT_MODELS
+
+
+def bridge_has_hooks(bridge: Any) -> bool:
+    """True when any TransformerLens hook is attached: then every hook point must fire."""
+    return any(hp.fwd_hooks or hp.bwd_hooks for hp in bridge.hook_dict.values())
+
+
+def _swaps(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str, GeneralizedComponent]]:
+    """(parent, name, bridge component) for every HF submodule the bridge replaced."""
+    found = []
+    for parent in model.modules():
+        if isinstance(parent, GeneralizedComponent):
+            continue
+        for name, child in parent._modules.items():
+            if isinstance(child, GeneralizedComponent) and child.original_component is not None:
+                found.append((parent, name, child))
+    return found
+
+
+class FastForward:
+    """Runs the wrapped HF model un-bridged for one forward at a time, capturing what a Step needs."""
+
+    def __init__(self, lens: Any):
+        self.model = lens.hf_model
+        self.swaps = _swaps(self.model)
+        text_model = self.model.model.language_model
+        self.layers = list(text_model.layers)
+        # the text tower's layers, as HF modules (the bridge may have wrapped them)
+        self.layers = [layer.original_component if isinstance(layer, GeneralizedComponent) else layer
+                       for layer in self.layers]
+        self.text_config = self.model.config.text_config
+        self.vision_config = self.model.config.vision_config
+
+    @contextlib.contextmanager
+    def _unbridged(self) -> Iterator[None]:
+        global _sink
+        saved = (self.text_config._attn_implementation, self.vision_config._attn_implementation)
+        for parent, name, comp in self.swaps:
+            parent._modules[name] = comp.original_component
+        self.text_config._attn_implementation = ROW_ATTENTION
+        self.vision_config._attn_implementation = "sdpa"
+        _sink = {}
+        try:
+            yield
+        finally:
+            _sink = None
+            self.text_config._attn_implementation, self.vision_config._attn_implementation = saved
+            for parent, name, comp in self.swaps:
+                parent._modules[name] = comp
+
+    def __call__(self, **model_kwargs: Any) -> tuple[torch.Tensor, Any, dict[str, torch.Tensor]]:
+        """One HF forward; returns (last logits ``[d_vocab]``, KV cache, captured tensors).
+
+        Captured: ``attention [n_layers, n_heads, n_keys]`` and ``resid [n_layers + 1, d_model]``
+        of the last position.
+        """
+        resid: list[Optional[torch.Tensor]] = [None] * (len(self.layers) + 1)
+
+        def pre_hook(index: int):
+            def hook(module, args, kwargs):
+                hidden = args[0] if args else kwargs["hidden_states"]
+                resid[index] = hidden[0, -1]
+            return hook
+
+        def last_hook(module, args, kwargs, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            resid[-1] = hidden[0, -1]
+
+        handles = [layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True)
+                   for i, layer in enumerate(self.layers)]
+        handles.append(self.layers[-1].register_forward_hook(last_hook, with_kwargs=True))
+        try:
+            with self._unbridged():
+                out = self.model(**model_kwargs, use_cache=True, logits_to_keep=1)
+                rows = _sink
+        finally:
+            for handle in handles:
+                handle.remove()
+        attention = torch.stack([rows[i] for i in range(len(self.layers))])
+        return out.logits[0, -1], out.past_key_values, {"attention": attention, "resid": torch.stack(resid)}
