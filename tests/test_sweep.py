@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from llava_lens import sweep
+from llava_lens import cli, sweep
 
 
 def _images(folder, n, seed=0):
@@ -133,23 +133,31 @@ def _sweep_cmd(data, out, model):
             "--max-new-tokens", "2", "--no-progress"]
 
 
-def test_resume_after_sigkill(llava_dir, tmp_path):
+def _interrupt_after_new_shard(cmd, out, sig, env):
+    """Start ``cmd``; send ``sig`` as soon as a shard beyond those present appears; return (rc, ids)."""
+    before = len(list(out.glob("part-*.parquet")))
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while len(list(out.glob("part-*.parquet"))) <= before and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    return proc.wait(), sweep.read_rows(out).column("id").to_pylist()
+
+
+def test_resume_after_sigkill_and_ctrl_c(llava_dir, tmp_path, capsys):
     data = tmp_path / "imgs"
-    names = _images(data, 14)
+    names = _images(data, 16)
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(_sweep_cmd(data, out, llava_dir), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 60
-    while not list(out.glob("part-*.parquet")) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    first = sweep.read_rows(out).column("id").to_pylist()
-    assert 1 <= len(first) < len(names), "the kill should land mid-sweep"
-    done = subprocess.run(_sweep_cmd(data, out, llava_dir), env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert f"{len(first)} already done" in done.stdout
+    cmd = _sweep_cmd(data, out, llava_dir)
+    rc, killed = _interrupt_after_new_shard(cmd, out, signal.SIGKILL, env)
+    assert rc == -signal.SIGKILL and 1 <= len(killed) < len(names), "the kill should land mid-sweep"
+    rc, interrupted = _interrupt_after_new_shard(cmd, out, signal.SIGINT, env)  # Ctrl-C
+    assert rc == 130 and len(killed) < len(interrupted) < len(names)
+    assert len(interrupted) == len(set(interrupted))
+    # the final re-run in-process: same command line, and it spares a third interpreter start-up
+    assert cli.main(cmd[3:]) == 0
+    assert f"{len(interrupted)} already done" in capsys.readouterr().out
     ids = sweep.read_rows(out).column("id").to_pylist()
     assert Counter(ids) == Counter(names)  # complete, no duplicates
     assert not list(out.glob("*.tmp"))
