@@ -60,11 +60,6 @@ def supported(lens: Any) -> bool:
     return getattr(lens.config.text_config, "model_type", "") in SUPPORTED_TEXT_MODELS
 
 
-def bridge_has_hooks(bridge: Any) -> bool:
-    """True when any TransformerLens hook is attached: then every hook point must fire."""
-    return any(hp.fwd_hooks or hp.bwd_hooks for hp in bridge.hook_dict.values())
-
-
 def _swaps(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str, GeneralizedComponent]]:
     """(parent, name, bridge component) for every HF submodule the bridge replaced."""
     found = []
@@ -82,6 +77,9 @@ class FastForward:
 
     def __init__(self, lens: Any):
         self.model = lens.hf_model
+        # unique hook points, gathered once: `bridge.hook_dict` rebuilds a dict of ~20 entries
+        # per layer on every access, too slow to consult on every step
+        self.hook_points = list({id(hp): hp for hp in lens.bridge.hook_dict.values()}.values())
         self.swaps = _swaps(self.model)
         text_model = self.model.model.language_model
         self.layers = list(text_model.layers)
@@ -90,6 +88,10 @@ class FastForward:
                        for layer in self.layers]
         self.text_config = self.model.config.text_config
         self.vision_config = self.model.config.vision_config
+
+    def bridge_has_hooks(self) -> bool:
+        """True when any TransformerLens hook is attached: then every hook point must fire."""
+        return any(hp.fwd_hooks or hp.bwd_hooks for hp in self.hook_points)
 
     @contextlib.contextmanager
     def _unbridged(self) -> Iterator[None]:

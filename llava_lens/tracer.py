@@ -168,7 +168,7 @@ def generate_steps(
     unbridged = fastpath.FastForward(lens) if fast else None
 
     def forward(**kwargs: Any):
-        if unbridged is not None and "prefill_names" not in kwargs and not fastpath.bridge_has_hooks(lens.bridge):
+        if unbridged is not None and "prefill_names" not in kwargs and not unbridged.bridge_has_hooks():
             return (*unbridged(**kwargs), {})
         return bridged(**kwargs)
 
