@@ -105,7 +105,7 @@ def _rows(rows: Iterator[dict], base: Optional[Path], question: Optional[str],
             ex_id = str(row[id_col])
         else:
             ex_id = f"{row[image_col]}#{i}" if base is not None else str(i)
-        target = None if target_col is None or row[target_col] is None else str(row[target_col])
+        target = None if target_col is None or row[target_col] in (None, "") else str(row[target_col])
         yield Example(ex_id, image, _question(row, question, column), target)
 
 
@@ -128,6 +128,9 @@ def iter_examples(data: str | Path, question: Optional[str] = None,
         else:
             raise SweepError(f"{path}: expected an image folder, a saved dataset or a .parquet/.csv manifest")
         return _rows(iter(rows), path.parent, question, question_column)
+    if (path / "dataset_dict.json").is_file():  # several splits: ask for one rather than guess
+        splits = sorted(p.name for p in path.iterdir() if p.is_dir())
+        raise SweepError(f"{path} holds several splits ({', '.join(splits)}); pass {path}/<split>")
     if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
         from datasets import Image as ImageFeature
         from datasets import load_from_disk

@@ -61,12 +61,18 @@ def test_sources_give_stable_ids(tmp_path):
 
 
 def test_saved_dataset_source(tmp_path):
+    from datasets import DatasetDict
+
     from llava_lens.toy.data import to_dataset
 
-    to_dataset(1).save_to_disk(str(tmp_path / "ds"))
-    examples = list(sweep.iter_examples(tmp_path / "ds", question_column="question"))
+    DatasetDict(train=to_dataset(1)).save_to_disk(str(tmp_path / "dd"))
+    files = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    examples = list(sweep.iter_examples(tmp_path / "dd" / "train", question_column="question"))
     assert [e.id for e in examples] == [str(i) for i in range(len(examples))]
     assert examples[0].target and isinstance(examples[0].image, bytes)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == files  # no cache files written
+    with pytest.raises(sweep.SweepError, match="several splits \\(train\\)"):
+        sweep.iter_examples(tmp_path / "dd", question_column="question")
 
 
 def test_bad_examples_become_error_rows(lens, tmp_path):
