@@ -112,3 +112,14 @@ def test_report_renders_in_chromium(rendered):
 def test_attention_views_keep_tokens_as_text(rendered):
     _, dom = rendered
     assert "<title>pwned</title>" not in dom
+
+
+def test_default_layers_are_thinned_for_deep_models(tmp_path):
+    from types import SimpleNamespace
+
+    from llava_lens.views.report import MAX_LAYERS, _report_layers
+
+    deep = SimpleNamespace(config={"n_layers": 32})
+    picked = _report_layers(deep, tmp_path, None)
+    assert len(picked) == MAX_LAYERS and picked[0] == 0 and picked[-1] == 31
+    assert _report_layers(deep, tmp_path, [-1, 3]) == [3, 31]  # named layers are kept as asked

@@ -22,6 +22,8 @@ from llava_lens.trace import Trace
 from llava_lens.views.html import layer_views, page
 
 REPORT_NAME = "report.html"
+MAX_LAYERS = 8
+"""Attention views in a report when no layers are named (each layer adds ~2 MB on a 7B model)."""
 
 _STYLE = """<style>
 body { font-family: sans-serif; margin: 20px; max-width: 1150px; }
@@ -97,13 +99,21 @@ def _heatmaps(trace: Trace, run: Path) -> str:
 
 
 def _report_layers(trace: Trace, run: Path, layers: Optional[Sequence[int]]) -> list[int]:
-    """Layers to show: as asked, else those export wrote pages for, else all."""
+    """Pick the layers to show: as asked, else those export wrote pages for (else all).
+
+    The default is thinned out evenly to ``MAX_LAYERS`` (last layer kept), so that a 32-layer
+    model's report stays a few MB.
+    """
     n = trace.config["n_layers"]
     if layers is not None:
         return sorted({layer % n for layer in layers})
     pages = sorted(run.glob("attention/layer_*.html"))
     found = [int(m.group(1)) for p in pages if (m := re.match(r"layer_(\d+)$", p.stem))]
-    return [x for x in found if x < n] or list(range(n))
+    found = [x for x in found if x < n] or list(range(n))
+    if len(found) <= MAX_LAYERS:
+        return found
+    picks = {round(i * (len(found) - 1) / (MAX_LAYERS - 1)) for i in range(MAX_LAYERS)}
+    return [found[i] for i in sorted(picks)]
 
 
 def _attention(trace: Trace, layers: list[int], last: Optional[int]) -> str:
@@ -118,8 +128,9 @@ def write_report(run_dir: str | Path, layers: Optional[Sequence[int]] = None,
                  last: Optional[int] = 64) -> Path:
     """Write ``run_dir/report.html``: one offline file with everything :func:`export` wrote.
 
-    ``layers`` picks the attention views (default: the layers exported); ``last`` the positions
-    shown in them. Raises :class:`llava_lens.LlavaLensError` when ``run_dir`` holds no trace.
+    ``layers`` picks the attention views (default: the layers exported, at most ``MAX_LAYERS``
+    evenly spaced); ``last`` the positions shown in them. Raises
+    :class:`llava_lens.LlavaLensError` when ``run_dir`` holds no trace.
     """
     run = Path(run_dir)
     if not run.is_dir():
