@@ -89,7 +89,7 @@ def _chromium(*args):
 def rendered(run_dir, tmp_path_factory):
     """Screenshot + DOM after scripts ran, from one headless Chromium run (skipped without it)."""
     if CHROMIUM is None:
-        pytest.skip("chromium not installed (apt-get install -y --no-install-recommends chromium)")
+        pytest.skip("chromium not installed (apt-get update && apt-get install -y chromium)")
     shot = tmp_path_factory.mktemp("shot") / "shot.png"
     uri = run_dir[1].as_uri()
     dom = _chromium(f"--screenshot={shot}", "--window-size=1200,1600", "--dump-dom", uri).stdout
