@@ -13,6 +13,7 @@ neither lost (unwritten rows are simply recomputed) nor duplicated.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import time
@@ -44,7 +45,11 @@ SCHEMA = pa.schema([
 
 @dataclass
 class Example:
-    """One sweep input: a stable id, an image (path, bytes or PIL image), a question, a target."""
+    """One sweep input: a stable id, an image, a question, an optional target answer.
+
+    ``image`` is a path, bytes, a PIL image, or a zero-argument callable returning one of those
+    (read only when the example is analysed, so a sweep never holds a dataset's images in memory).
+    """
 
     id: str
     image: Any
@@ -97,8 +102,6 @@ def _rows(rows: Iterator[dict], base: Optional[Path], question: Optional[str],
         if image_col is None:
             raise SweepError(f"no image column ({'/'.join(IMAGE_COLUMNS)}) in the data: {', '.join(row)}")
         image = row[image_col]
-        if isinstance(image, dict):  # a datasets Image feature read without decoding
-            image = image.get("bytes") or image.get("path")
         if base is not None and isinstance(image, str):
             image = base / image
         if id_col is not None:
@@ -107,6 +110,22 @@ def _rows(rows: Iterator[dict], base: Optional[Path], question: Optional[str],
             ex_id = f"{row[image_col]}#{i}" if base is not None else str(i)
         target = None if target_col is None or row[target_col] in (None, "") else str(row[target_col])
         yield Example(ex_id, image, _question(row, question, column), target)
+
+
+def _dataset_image(ds: Any, index: int, column: str) -> Any:
+    """Bytes (or path) of one undecoded ``datasets`` Image cell, read when needed."""
+    cell = ds[index][column]
+    return (cell.get("bytes") or cell.get("path")) if isinstance(cell, dict) else cell
+
+
+def _dataset_rows(ds: Any) -> Iterator[dict]:
+    """Rows of a dataset with the image column replaced by a lazy loader (ids need no pixels)."""
+    image_col = next((n for n in IMAGE_COLUMNS if n in ds.column_names), None)
+    if image_col is None:
+        yield from ds
+        return
+    for i, row in enumerate(ds.remove_columns([image_col])):
+        yield {**row, image_col: functools.partial(_dataset_image, ds, i, image_col)}
 
 
 def iter_examples(data: str | Path, question: Optional[str] = None,
@@ -138,7 +157,7 @@ def iter_examples(data: str | Path, question: Optional[str] = None,
         for name, feature in ds.features.items():
             if isinstance(feature, ImageFeature):  # decode per example, so a bad image is one error row
                 ds = ds.cast_column(name, ImageFeature(decode=False))
-        return _rows(iter(ds), None, question, question_column)
+        return _rows(_dataset_rows(ds), None, question, question_column)
     return _folder(path, question)
 
 
@@ -165,7 +184,7 @@ def analyse(lens: Any, example: Example, max_new_tokens: int = 16) -> dict:
     row: dict[str, Any] = {name: None for name in SCHEMA.names}
     row.update(id=example.id, question=example.question, target=example.target)
     try:
-        image = example.image
+        image = example.image() if callable(example.image) else example.image
         trace = lens.trace(image, example.question, max_new_tokens=max_new_tokens, keep_logits=False)
         result = logit_lens(trace, lens, k=1, prompt=False)
         emergence = emergence_layers(result.target_ranks)

@@ -69,7 +69,7 @@ def test_saved_dataset_source(tmp_path):
     files = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     examples = list(sweep.iter_examples(tmp_path / "dd" / "train", question_column="question"))
     assert [e.id for e in examples] == [str(i) for i in range(len(examples))]
-    assert examples[0].target and isinstance(examples[0].image, bytes)
+    assert examples[0].target and isinstance(examples[0].image(), bytes)  # read lazily
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == files  # no cache files written
     with pytest.raises(sweep.SweepError, match="several splits \\(train\\)"):
         sweep.iter_examples(tmp_path / "dd", question_column="question")
@@ -167,3 +167,22 @@ def test_resume_after_sigkill_and_ctrl_c(llava_dir, tmp_path, capsys):
     ids = sweep.read_rows(out).column("id").to_pylist()
     assert Counter(ids) == Counter(names)  # complete, no duplicates
     assert not list(out.glob("*.tmp"))
+
+
+def test_sweep_over_saved_dataset_with_a_corrupt_image(lens, tmp_path):
+    import io
+
+    from datasets import Dataset, Features, Value
+    from datasets import Image as ImageFeature
+
+    good = io.BytesIO()
+    Image.fromarray(np.zeros((16, 16, 3), dtype="uint8")).save(good, format="PNG")
+    features = Features({"id": Value("string"), "image": ImageFeature(), "question": Value("string")})
+    rows = [{"id": "good", "image": {"bytes": good.getvalue(), "path": None}, "question": "what ?"},
+            {"id": "bad", "image": {"bytes": b"not an image", "path": None}, "question": "what ?"}]
+    Dataset.from_list(rows, features=features).save_to_disk(str(tmp_path / "ds"))
+    examples = sweep.iter_examples(tmp_path / "ds", question_column="question")
+    counts = sweep.run_sweep(lens, examples, tmp_path / "out", max_new_tokens=1, progress=False)
+    assert counts == {"done": 2, "skipped": 0, "errors": 1}
+    errors = {r["id"]: r["error"] for r in sweep.read_rows(tmp_path / "out").to_pylist()}
+    assert errors["good"] is None and errors["bad"].startswith("ImageError: cannot read image bytes")
