@@ -32,6 +32,10 @@ ID_COLUMNS = ("id", "example_id")
 IMAGE_COLUMNS = ("image", "image_path", "path", "file")
 TARGET_COLUMNS = ("answer", "target", "label")
 
+# One row per example. "answer" is the generated text, "target" the data's answer (if any).
+# Layer lists have n_layers + 1 entries, as in LogitLens: entry l is the residual stream entering
+# block l, the last one the final residual (which the model's output decodes), so the emergence
+# layer n_layers means "only at the output". vision_share has n_layers entries (one per block).
 SCHEMA = pa.schema([
     ("id", pa.string()), ("question", pa.string()), ("answer", pa.string()),
     ("target", pa.string()), ("tokens", pa.list_(pa.string())),
