@@ -107,8 +107,6 @@ def test_report_renders_in_chromium(rendered):
     assert "&lt;/script&gt;&lt;script&gt;alert('x')&lt;/script&gt;" in own and "<script>alert" not in own
 
 
-@pytest.mark.xfail(reason="circuitsvis renders token labels as HTML (innerHTML); views/html.py passes "
-                   "them unescaped, so a token holding an HTML tag runs in the attention views")
 def test_attention_views_keep_tokens_as_text(rendered):
     _, dom = rendered
     assert "<title>pwned</title>" not in dom

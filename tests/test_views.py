@@ -91,7 +91,8 @@ def test_token_strings_are_escaped(setup, tmp_path):
         (page,) = vhtml.write_attention_html(evil, tmp_path / str(inline), layers=[0], inline=inline)
         text = page.read_text()
         assert EVIL not in text
-        assert "<script>alert" not in text and "\\u003c/script\\u003e" in text
+        # HTML-escaped for circuitsvis (which renders labels as HTML), then JSON-escaped
+        assert "<script>alert" not in text and "\\u0026lt;/script\\u0026gt;" in text
         parser = _check_offline(text)
         assert len(parser.scripts) == 3  # no injected script element
 

@@ -10,8 +10,9 @@ from llava_lens.views.plots import (
     plot_target_curve,
     plot_vision_share,
 )
+from llava_lens.views.report import write_report
 
 __all__ = [
-    "export", "write_attention_html", "position_labels", "plot_logit_lens", "plot_target_curve",
+    "export", "write_report", "write_attention_html", "position_labels", "plot_logit_lens", "plot_target_curve",
     "plot_vision_share", "plot_heatmap", "plot_heatmap_grid",
 ]

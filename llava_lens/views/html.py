@@ -3,8 +3,9 @@
 circuitsvis' ``str(html)`` imports its JavaScript from a CDN; here the bundle that ships inside
 the circuitsvis package (``circuitsvis/dist/cdn/iife.js``) is either written once beside the
 pages (``circuitsvis.js``, the default) or inlined once per page (``inline=True``). No page
-references a URL. Token strings are JSON-encoded with ``<``, ``>`` and ``&`` escaped, so a token
-such as ``</script>`` cannot close the script element.
+references a URL. Token labels are HTML-escaped (circuitsvis renders them as HTML) and the props
+JSON-encoded with ``<``, ``>`` and ``&`` escaped, so a token such as ``</script>`` can neither close
+the script element nor inject markup.
 """
 
 from __future__ import annotations
@@ -105,7 +106,9 @@ def layer_views(trace: Trace, layer: int, last: Optional[int] = 64,
     mat = attention_matrix(trace, layer)
     sl = _window(mat.shape[-1], last, window)
     att = np.round(mat[:, sl, sl].double().numpy(), 4)
-    labels = position_labels(trace)[sl]
+    # circuitsvis puts token labels into the page as HTML (innerHTML): escape them so a token
+    # such as `<img src=x onerror=...>` shows as text instead of running
+    labels = [html.escape(label) for label in position_labels(trace)[sl]]
     parts = [f"<p>positions {sl.start}–{sl.stop - 1} of {mat.shape[-1]}; answer: "
              f"{html.escape(trace.text)}</p>\n", render_view("AttentionPatterns", tokens=labels, attention=att)]
     if heads:
