@@ -150,7 +150,8 @@ def print_table(rows, args):
         best, med = min(times) / n * 1e3, statistics.median(times) / n * 1e3
         per_step = ""
         if isinstance(out, ll.Trace):
-            per_step = f"{sum(t.numel() * t.element_size() for s in out.steps for t in (s.attention, s.resid, s.logits)) / len(out.steps) / 1024:.0f}"
+            captured = sum(t.numel() * t.element_size() for s in out.steps for t in (s.attention, s.resid, s.logits))
+            per_step = f"{captured / len(out.steps) / 1024:.0f}"
         peak_s = f"{peak / 2**20:.0f}" if peak else "-"
         print(f"{name:44s} {best:11.2f} {med:8.2f} {best / base / 1e3:7.2f} {peak_s:>8s} {per_step:>8s}")
 

@@ -1,11 +1,11 @@
-"""llava-lens: what did the LLaVA model look at, and when did it decide?
+"""llava-lens: see what a LLaVA model looked at, and when it decided.
 
-    import llava_lens as ll
-    lens = ll.load()                                  # embedded model; or "llava-hf/llava-1.5-7b-hf"
-    trace = lens.trace(image, "What color is the triangle?", max_new_tokens=32, prefill_cache=True)
-    for step in lens.step(image, question): ...       # one Step (token + activations) per token
-    result = ll.logit_lens(trace, lens)               # what each layer would predict
-    ll.views.export(trace, "analysis_results/run", result)   # HTML, plots, heatmaps
+import llava_lens as ll
+lens = ll.load()                                  # embedded model; or "llava-hf/llava-1.5-7b-hf"
+trace = lens.trace(image, "What color is the triangle?", max_new_tokens=32, prefill_cache=True)
+for step in lens.step(image, question): ...       # one Step (token + activations) per token
+result = ll.logit_lens(trace, lens)               # what each layer would predict
+ll.views.export(trace, "analysis_results/run", result)   # HTML, plots, heatmaps
 """
 
 from llava_lens import grounding, views

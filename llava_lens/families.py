@@ -70,7 +70,7 @@ class VisionSpan:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "VisionSpan":
+    def from_dict(cls, d: dict[str, Any]) -> VisionSpan:
         """Inverse of :meth:`to_dict`."""
         long = {k: torch.tensor(d[k], dtype=torch.long) for k in ("positions", "tile", "row", "col")}
         boxes = torch.tensor(d["boxes"], dtype=torch.float32).reshape(-1, 4)
@@ -157,8 +157,10 @@ class Llava15(Family):
 
 
 class LlavaNext(Family):
-    """LLaVA-NeXT (``LlavaNextForConditionalGeneration``): base grid + unpadded anyres grid with
-    a newline token after each row."""
+    """LLaVA-NeXT (``LlavaNextForConditionalGeneration``).
+
+    Base grid, then the unpadded anyres grid with a newline token after each row.
+    """
 
     name = "llava-next"
     architectures = ("LlavaNextForConditionalGeneration",)

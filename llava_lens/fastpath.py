@@ -1,5 +1,6 @@
-"""Fast forward passes for tracing: Hugging Face's own modules and sdpa kernels, capturing only
-the attention row of the last query and the residual stream at it.
+"""Fast forward passes for tracing: HF's own modules and sdpa, capturing only what a Step needs.
+
+What a step needs is the attention row of the last query and the residual stream at it.
 
 Booting the bridge replaces every submodule of the HF model by a TransformerLens component that
 re-implements attention eagerly and routes each intermediate through a hook point. That is what
@@ -19,7 +20,8 @@ The tests check it against the bridge path and against a no-cache ``run_with_cac
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any, Optional
 
 import torch
 from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
@@ -37,7 +39,7 @@ _sink: Optional[dict[int, torch.Tensor]] = None  # where the attention function 
 def _sdpa_with_last_row(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                         value: torch.Tensor, attention_mask: Optional[torch.Tensor],
                         scaling: Optional[float] = None, **kwargs: Any):
-    """sdpa attention that also records the last query's attention row in ``_sink``."""
+    """Sdpa attention that also records the last query's attention row in ``_sink``."""
     out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
     if _sink is not None:
         keys = repeat_kv(key, query.shape[1] // key.shape[1])[0]  # [heads, keys, d_head]

@@ -77,10 +77,10 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def build_prompt(processor: Any, question: str) -> str:
-    """The full prompt for one image and one question, in the model's own conversation format.
+    r"""The full prompt for one image and one question, in the model's own conversation format.
 
     Uses the processor's chat template when it has one, else LLaVA-1.5's
-    ``USER: <image>\\n{question} ASSISTANT:``. The question must be non-empty text with no image
+    ``USER: <image>\n{question} ASSISTANT:``. The question must be non-empty text with no image
     placeholder of its own: llava-lens puts exactly one image in each prompt.
     """
     if not isinstance(question, str) or not question.strip():

@@ -75,7 +75,7 @@ class LogitLens:
         return out
 
     @classmethod
-    def load(cls, directory: str | Path) -> "LogitLens":
+    def load(cls, directory: str | Path) -> LogitLens:
         """Inverse of :meth:`save`."""
         d = Path(directory)
         tensors = load_file(d / "logit_lens.safetensors")

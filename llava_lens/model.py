@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import torch
 from transformer_lens.model_bridge import TransformerBridge
@@ -67,7 +68,7 @@ def _load_processor(source: str) -> Any:
 
 
 def load(path_or_id: Optional[str] = None, device: Optional[str] = None,
-         dtype: Optional[torch.dtype] = None, **boot_kwargs: Any) -> "LlavaLens":
+         dtype: Optional[torch.dtype] = None, **boot_kwargs: Any) -> LlavaLens:
     """Load a LLaVA-1.5 or LLaVA-NeXT model and its processor into a TransformerLens bridge.
 
     ``path_or_id`` is a local model directory, a Hugging Face hub id (e.g.

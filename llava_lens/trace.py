@@ -62,7 +62,7 @@ class Step:
         return out
 
     @classmethod
-    def from_tensors(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor], prefix: str) -> "Step":
+    def from_tensors(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor], prefix: str) -> Step:
         """Inverse of :meth:`to_tensors` (``meta`` holds the scalar fields)."""
         cache_prefix = prefix + "cache."
         cache = {k[len(cache_prefix):]: v for k, v in tensors.items() if k.startswith(cache_prefix)}
@@ -135,7 +135,7 @@ class Trace:
         return out
 
     @classmethod
-    def load(cls, directory: str | Path) -> "Trace":
+    def load(cls, directory: str | Path) -> Trace:
         """Load a trace written by :meth:`save` (safetensors + JSON; no pickle)."""
         d = Path(directory)
         if not (d / "trace.json").is_file() or not (d / "trace.safetensors").is_file():
@@ -159,8 +159,11 @@ class Trace:
 
 
 def _dedupe(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Store each tensor once: hook aliases (``hook_resid_pre`` = previous ``hook_out``...) share
-    memory, which safetensors refuses. Returns unique tensors and an alias -> stored-key map."""
+    """Store each tensor once; return the unique tensors and an alias -> stored-key map.
+
+    Hook aliases (``hook_resid_pre`` = the previous block's ``hook_out``...) share memory, which
+    safetensors refuses.
+    """
     unique: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}

@@ -9,8 +9,9 @@ layers x sequence x d_model.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import torch
 from transformer_lens.utilities.slice import Slice

@@ -12,9 +12,10 @@ from PIL import Image
 import llava_lens
 from llava_lens.families import VisionSpan
 from llava_lens.lens import LogitLens, logit_lens
-from llava_lens.trace import Trace
 from llava_lens.toy.build import build_llava
-from llava_lens.views import export, html as vhtml, plots
+from llava_lens.trace import Trace
+from llava_lens.views import export, plots
+from llava_lens.views import html as vhtml
 
 EVIL = "</script><script>alert(1)</script>"
 

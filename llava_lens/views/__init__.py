@@ -1,5 +1,7 @@
-"""Views of a :class:`~llava_lens.Trace`: attention HTML (circuitsvis, offline), matplotlib
-figures, and :func:`export`, which writes them all under one directory."""
+"""Views of a :class:`~llava_lens.Trace`, written by :func:`export` under one directory.
+
+Attention HTML (circuitsvis, offline), matplotlib figures, and the self-contained report.
+"""
 
 from llava_lens.views.export import export
 from llava_lens.views.html import position_labels, write_attention_html

@@ -13,8 +13,9 @@ from __future__ import annotations
 import html
 import json
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import circuitsvis
 import numpy as np

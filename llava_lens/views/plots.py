@@ -7,8 +7,9 @@ their paths.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
@@ -122,7 +123,8 @@ def plot_vision_share(share: VisionShare, path: str | Path, layer: Optional[int]
 def _overlay(ax, image: Image.Image, heat: np.ndarray, title: str) -> None:
     ax.imshow(np.asarray(image))
     vmax = float(np.nanmax(heat)) if np.isfinite(heat).any() and np.nanmax(heat) > 0 else 1.0
-    ax.imshow(heat, cmap="jet", alpha=0.5, vmin=0, vmax=vmax, extent=(-0.5, image.width - 0.5, image.height - 0.5, -0.5))
+    extent = (-0.5, image.width - 0.5, image.height - 0.5, -0.5)
+    ax.imshow(heat, cmap="jet", alpha=0.5, vmin=0, vmax=vmax, extent=extent)
     ax.set_title(title, fontsize=9)
     ax.axis("off")
 
