@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import html
 import json
+import os
 import re
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -30,14 +32,43 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def _device(args: argparse.Namespace) -> Optional[str]:
+    """``--device``; else, on CUDA, ``cuda:<LOCAL_RANK>`` (0 outside torchrun/accelerate); else CPU."""
+    import torch
+
+    from llava_lens.sweep import launch_context
+
+    if args.device or getattr(args, "device_map", None) or getattr(args, "n_devices", None):
+        return args.device
+    if torch.cuda.is_available():
+        local_rank = launch_context().local_rank
+        torch.cuda.set_device(local_rank)
+        return f"cuda:{local_rank}"
+    return None
+
+
 def _load(args: argparse.Namespace) -> Any:
-    """Load ``--model`` on ``--device`` with ``--dtype`` (auto: bf16 on CUDA, fp32 on CPU)."""
+    """Load ``--model`` with ``--dtype`` on ``--device`` or sharded (``--device-map``/``--n-devices``).
+
+    Without ``--device``, a process of a ``torchrun``/``accelerate`` launch uses ``cuda:<LOCAL_RANK>``.
+    """
     import torch
 
     import llava_lens as ll
 
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-    return ll.load(args.model, device=args.device, dtype=dtype)
+    shard = {k: v for k, v in (("device_map", getattr(args, "device_map", None)),
+                               ("n_devices", getattr(args, "n_devices", None))) if v is not None}
+    if shard and int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1) > 1:
+        print("llava-lens: warning: --device-map/--n-devices with several processes per node: each "
+              "process spreads over the same GPUs (use --nproc-per-node 1, or CUDA_VISIBLE_DEVICES "
+              "per process)", file=sys.stderr)
+    try:
+        return ll.load(args.model, device=_device(args), dtype=dtype, **shard)
+    except ValueError as err:
+        if not shard or isinstance(err, LlavaLensError):
+            raise
+        raise LlavaLensError(f"cannot load the model with {shard}: {str(err).splitlines()[0]}") from None
 
 
 def analyse_to_dir(lens: Any, image: Any, question: str, out: Path, layers: Optional[Sequence[int]] = None,
@@ -111,19 +142,40 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _terminate(signum: int, frame: Any) -> None:
+    """SIGTERM (torchrun stopping the other ranks when one fails, Slurm's time limit) as Ctrl-C."""
+    raise KeyboardInterrupt
+
+
+def _write_config(args: argparse.Namespace, out: Path, world_size: int) -> None:
+    """Write ``sweep.json`` (the command's options) atomically; called by rank 0 only."""
+    config = {k: v for k, v in vars(args).items() if k != "func"}
+    config["world_size"] = world_size
+    tmp = out / ".sweep.json.tmp"
+    tmp.write_text(json.dumps(config, indent=1, default=str))
+    os.replace(tmp, out / "sweep.json")
+
+
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from llava_lens import sweep
 
+    ctx = sweep.launch_context()
     examples = sweep.iter_examples(args.data, args.question, args.question_column)
     out = Path(args.out)
     lens = _load(args)
     out.mkdir(parents=True, exist_ok=True)
-    config = {k: v for k, v in vars(args).items() if k != "func"}
-    (out / "sweep.json").write_text(json.dumps(config, indent=1, default=str))
-    counts = sweep.run_sweep(lens, examples, out, limit=args.limit, max_new_tokens=args.max_new_tokens,
-                             shard_size=args.shard_size, progress=not args.no_progress)
-    print(f"sweep: {counts['done']} analysed ({counts['errors']} errors), {counts['skipped']} already done; "
-          f"rows in {out}")
+    if ctx.rank == 0:
+        _write_config(args, out, ctx.world_size)
+    previous = signal.signal(signal.SIGTERM, _terminate)  # flush the buffered rows on SIGTERM
+    try:
+        counts = sweep.run_sweep(lens, examples, out, limit=args.limit, max_new_tokens=args.max_new_tokens,
+                                 shard_size=args.shard_size, rank=ctx.rank, world_size=ctx.world_size,
+                                 progress=not args.no_progress)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    tag = f" [{ctx.tag()}]" if ctx.tag() else ""
+    print(f"sweep{tag}: {counts['done']} analysed ({counts['errors']} errors), {counts['skipped']} already "
+          f"done; rows in {out}", flush=True)
     return 0
 
 
@@ -149,7 +201,14 @@ def _model_options() -> argparse.ArgumentParser:
     """Options shared by every command that runs a model."""
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--model", default=None, help="model folder or hub id (default: embedded shapes-tiny)")
-    p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:1 (default: cuda if any)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--device", default=None,
+                       help="torch device, e.g. cpu or cuda:1 (default: cuda if any; cuda:<LOCAL_RANK> "
+                            "under torchrun/accelerate)")
+    where.add_argument("--device-map", default=None,
+                       help="shard the model over GPUs: a HF device map such as auto or balanced")
+    where.add_argument("--n-devices", type=int, default=None,
+                       help="shard the model over the first K GPUs")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bf16 on CUDA, else fp32")
     p.add_argument("--max-new-tokens", type=int, default=16, help="stop each answer after N tokens")
     return p
@@ -181,7 +240,8 @@ def _add_commands(sub: Any, model: argparse.ArgumentParser) -> None:
     q.add_argument("--question", help="the question asked about every image")
     q.add_argument("--question-column", help="column of the data holding each example's question")
     p.add_argument("--out", required=True, help="output folder for the Parquet shards")
-    p.add_argument("--limit", type=int, default=None, help="only the first N examples")
+    p.add_argument("--limit", type=int, default=None,
+                   help="only the first N examples of the data (all ranks together)")
     p.add_argument("--shard-size", type=int, default=8, help="rows per Parquet shard (written atomically)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_sweep)

@@ -9,6 +9,11 @@ Rows are buffered and written every ``shard_size`` examples as ``part-<rank>-<n>
 temporary file and ``os.replace``: a shard is either complete or absent, whatever moment the
 process is killed. A re-run reads the ids already in the shards and skips them, so rows are
 neither lost (unwritten rows are simply recomputed) nor duplicated.
+
+Data parallelism (``torchrun``, ``accelerate launch``, one process per GPU or node): each process
+reads its rank from the environment (:func:`launch_context`), takes the examples :func:`is_mine`
+gives it and writes its own ``part-<rank>-*`` shards. Ranks never communicate, so no process group
+is needed; resuming, even with another number of processes, skips every id already in any shard.
 """
 
 from __future__ import annotations
@@ -75,6 +80,45 @@ def is_mine(example_id: str, rank: int = 0, world_size: int = 1) -> bool:
         return True
     digest = hashlib.sha1(example_id.encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") % world_size == rank
+
+
+@dataclass(frozen=True)
+class LaunchContext:
+    """Where this process sits in a (possibly) multi-process launch."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    def tag(self) -> str:
+        """``"rank 1/8"`` in a multi-process launch, else ``""`` (for logs and progress bars)."""
+        return f"rank {self.rank}/{self.world_size}" if self.world_size > 1 else ""
+
+
+def _env_int(env: Any, name: str, default: int) -> int:
+    value = str(env.get(name, "")).strip()
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise SweepError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def launch_context(env: Optional[Any] = None) -> LaunchContext:
+    """Rank, world size and local rank from ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` (``os.environ``).
+
+    ``torchrun`` and ``accelerate launch`` set all three; a plain ``python`` run has none of them
+    and is rank 0 of 1. ``LOCAL_RANK`` (the GPU index on this node) defaults to ``RANK``.
+    """
+    env = os.environ if env is None else env
+    world_size = _env_int(env, "WORLD_SIZE", 1)
+    rank = _env_int(env, "RANK", 0)
+    local_rank = _env_int(env, "LOCAL_RANK", rank)
+    if world_size < 1 or not 0 <= rank < world_size or local_rank < 0:
+        raise SweepError(f"bad launch environment: RANK={rank} WORLD_SIZE={world_size} "
+                         f"LOCAL_RANK={local_rank}")
+    return LaunchContext(rank, world_size, local_rank)
 
 
 def _question(row: dict, question: Optional[str], column: Optional[str]) -> str:
@@ -260,11 +304,14 @@ class ShardWriter:
 def run_sweep(lens: Any, examples: Iterator[Example], out_dir: str | Path, *, limit: Optional[int] = None,
               max_new_tokens: int = 16, shard_size: int = 4, rank: int = 0, world_size: int = 1,
               progress: bool = True) -> dict[str, int]:
-    """Analyse every example not yet in ``out_dir`` and write rows as shards; resumable.
+    """Analyse every example of this rank not yet in ``out_dir``; write rows as shards; resumable.
 
-    ``limit`` counts examples of this rank (done or not), so re-running with the same limit
-    finishes the same set. Returns counts: ``done`` (this run), ``skipped`` (already there),
-    ``errors`` (this run).
+    ``rank``/``world_size`` (see :func:`launch_context`) select this process's share of the
+    examples (:func:`is_mine`); ids already in any rank's shards are skipped. ``limit`` keeps the
+    first ``limit`` examples of the data (all ranks together, done or not), so N processes with a
+    limit do the same set as one, and re-running with the same limit finishes it. Only rank 0
+    shows a progress bar. Returns counts for this rank: ``done`` (this run), ``skipped`` (already
+    there), ``errors`` (this run).
     """
     from tqdm import tqdm
 
@@ -272,8 +319,8 @@ def run_sweep(lens: Any, examples: Iterator[Example], out_dir: str | Path, *, li
     out.mkdir(parents=True, exist_ok=True)
     seen = done_ids(out)
     todo, skipped = [], 0
-    for example in examples:
-        if limit is not None and len(todo) + skipped >= limit:
+    for index, example in enumerate(examples):
+        if limit is not None and index >= limit:
             break
         if not is_mine(example.id, rank, world_size):
             continue
@@ -283,8 +330,11 @@ def run_sweep(lens: Any, examples: Iterator[Example], out_dir: str | Path, *, li
             seen.add(example.id)  # a duplicated id in the data is analysed once
             todo.append(example)
     writer, errors = ShardWriter(out, rank, shard_size), 0
+    tag = LaunchContext(rank, max(world_size, 1)).tag()
+    bar = tqdm(todo, desc=f"sweep [{tag}]" if tag else "sweep", unit="ex", dynamic_ncols=True,
+               disable=not progress or rank != 0)
     try:
-        for example in tqdm(todo, desc="sweep", unit="ex", disable=not progress, dynamic_ncols=True):
+        for example in bar:
             row = analyse(lens, example, max_new_tokens)
             errors += row["error"] is not None
             writer.add(row)
