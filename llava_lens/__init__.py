@@ -17,6 +17,7 @@ from llava_lens.grounding import (
     attention_map_max,
     attention_map_mean,
     paint,
+    paint_grid,
     vision_share,
     vit_rollout_map,
     vlm_visualizer_map,
@@ -30,7 +31,7 @@ __all__ = [
     "load", "LlavaLens", "Trace", "Step", "VisionSpan", "load_image", "build_prompt",
     "logit_lens", "LogitLens", "patch_words",
     "vision_share", "VisionShare", "attention_map_mean", "attention_map_max", "vlm_visualizer_map",
-    "vit_rollout_map", "paint", "MAPS", "grounding", "views",
+    "vit_rollout_map", "paint", "paint_grid", "MAPS", "grounding", "views",
     "LlavaLensError", "ImageError", "PromptError", "UnsupportedModelError",
 ]
 __version__ = "0.1.0"

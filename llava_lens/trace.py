@@ -51,6 +51,13 @@ class Step:
     cache: dict[str, torch.Tensor] = field(default_factory=dict)
     """Other captured hooks (TransformerLens names), batch dim dropped, this position only."""
 
+    @property
+    def top_probs(self) -> torch.Tensor:
+        """``[k]`` probabilities of ``top_ids`` (needs the full ``logits``: ``keep_logits=True``)."""
+        if self.logits is None:
+            raise ValueError("top_probs needs the full logits; trace with keep_logits=True")
+        return self.logits.float().softmax(-1)[self.top_ids]
+
     def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         """Tensors of this step keyed for safetensors."""
         out = {f"{prefix}top_ids": self.top_ids, f"{prefix}top_logits": self.top_logits}

@@ -225,3 +225,10 @@ def test_user_hooks_switch_to_the_bridge_path(lens, image):
     prompt_len = len(trace.prompt_ids)
     assert seen == [prompt_len] + [1] * (len(trace) - 1)
 
+
+
+def test_top_probs_are_the_softmax_of_the_logits(lens, image):
+    step = lens.trace(image, QUESTION, max_new_tokens=1, top_k=3).steps[0]
+    expected = torch.softmax(step.logits.double(), -1)[step.top_ids].float()
+    torch.testing.assert_close(step.top_probs, expected)
+    assert (step.top_probs[:-1] >= step.top_probs[1:]).all()
