@@ -9,6 +9,7 @@ from typing import Any, Optional, Union
 
 import torch
 from transformer_lens.model_bridge import TransformerBridge
+from transformer_lens.utilities.multi_gpu import resolve_device_map
 from transformers import AutoConfig, AutoProcessor
 
 from llava_lens.errors import UnsupportedModelError
@@ -74,17 +75,25 @@ def load(path_or_id: Optional[str] = None, device: Optional[str] = None,
     ``path_or_id`` is a local model directory, a Hugging Face hub id (e.g.
     ``"llava-hf/llava-1.5-7b-hf"``) or an embedded model name; ``None`` loads the embedded
     ``shapes-tiny`` model. ``device``/``dtype`` default to CUDA + bf16 when available, else CPU +
-    fp32. Extra keyword arguments (``device_map``, ``n_devices``...) go to
+    fp32. ``device_map`` (e.g. ``"auto"``) or ``n_devices=K`` shard a model too large for one GPU
+    (HF dispatches it at load time); other keyword arguments go to
     ``TransformerBridge.boot_transformers``.
     """
     source = _resolve_source(path_or_id)
     config = _load_config(source)
     family = family_for(config)
     processor = _load_processor(source)
-    device, dtype = default_device_dtype(device, dtype)
-    hf_model = family.hf_class.from_pretrained(source, dtype=dtype)
-    if "device_map" not in boot_kwargs and "n_devices" not in boot_kwargs:
-        hf_model = hf_model.to(device)
+    device_map = boot_kwargs.pop("device_map", None)
+    n_devices = boot_kwargs.pop("n_devices", None)
+    if device_map is not None or (n_devices or 1) > 1:
+        # A model sharded over devices is dispatched by HF at load time; the bridge then wraps it
+        # as it is (it refuses device_map together with a pre-loaded hf_model).
+        device_map, max_memory = resolve_device_map(n_devices, device_map, None, boot_kwargs.pop("max_memory", None))
+        dtype = dtype or (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+        hf_model = family.hf_class.from_pretrained(source, dtype=dtype, device_map=device_map, max_memory=max_memory)
+    else:
+        device, dtype = default_device_dtype(device, dtype)
+        hf_model = family.hf_class.from_pretrained(source, dtype=dtype).to(device)
         boot_kwargs["device"] = device
     bridge = TransformerBridge.boot_transformers(
         source, hf_model=hf_model.eval(), dtype=dtype, tokenizer=processor.tokenizer, **boot_kwargs)

@@ -232,3 +232,14 @@ def test_top_probs_are_the_softmax_of_the_logits(lens, image):
     expected = torch.softmax(step.logits.double(), -1)[step.top_ids].float()
     torch.testing.assert_close(step.top_probs, expected)
     assert (step.top_probs[:-1] >= step.top_probs[1:]).all()
+
+
+def test_load_with_a_device_map_matches_plain_load(lens, llava_dir, image):
+    """The sharded-loading path (HF dispatch, then the bridge) gives the same trace."""
+    mapped = ll.load(str(llava_dir), device_map="cpu")
+    a = mapped.trace(image, QUESTION, max_new_tokens=4)
+    b = lens.trace(image, QUESTION, max_new_tokens=4)
+    assert a.token_ids == b.token_ids
+    torch.testing.assert_close(a.steps[-1].attention, b.steps[-1].attention)
+    with pytest.raises(ValueError, match="mutually exclusive|requires CUDA"):
+        ll.load(str(llava_dir), n_devices=2)
