@@ -66,6 +66,8 @@ def timed(fn, device, repeats):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=sorted(SHAPES), default="small")
+    p.add_argument("--model", default=None, help="benchmark this model directory instead of a random --shape "
+                   "(e.g. llava_lens/toy/shapes-tiny, the embedded model)")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="cpu")
@@ -75,8 +77,9 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = Path(tmp) / "model"
-        build_llava(model_dir, "llava", dtype=dtype, **SHAPES[args.shape])
+        model_dir = Path(args.model) if args.model else Path(tmp) / "model"
+        if not args.model:
+            build_llava(model_dir, "llava", dtype=dtype, **SHAPES[args.shape])
         rows = run_rows(model_dir, args, dtype)
     print_table(rows, args)
 
@@ -112,16 +115,12 @@ def run_rows(model_dir, args, dtype):
                 seq = torch.cat([seq, logits[0, -1].argmax().view(1, 1)], 1)
         return seq
 
-    def no_eos(fn):
-        def boost(logits, hook):
-            logits[..., eos] = -float("inf")
-            return logits
-        def run():
-            with lens.bridge.hooks(fwd_hooks=[("unembed.hook_out", boost)]):
-                return fn()
-        return run
+    # Force exactly n tokens by not treating EOS as a stop (a hook suppressing it would attach a
+    # TransformerLens hook, which rightly sends the tracer down the slower every-hook-fires path).
+    lens.eos_token_ids = set()
 
-    trace = no_eos(lambda: lens.trace(image, QUESTION, max_new_tokens=n))
+    def trace():
+        return lens.trace(image, QUESTION, max_new_tokens=n)
 
     def trace_and_lens():
         from llava_lens.lens import logit_lens
@@ -144,7 +143,7 @@ def run_rows(model_dir, args, dtype):
 def print_table(rows, args):
     n = args.new_tokens
     base = min(rows[0][1]) / n
-    print(f"\nshape={args.shape} device={args.device} dtype={args.dtype} new_tokens={n} repeats={args.repeats}")
+    print(f"\nmodel={args.model or args.shape} device={args.device} dtype={args.dtype} new_tokens={n} repeats={args.repeats}")
     print(f"{'method':44s} {'best ms/tok':>11s} {'median':>8s} {'x base':>7s} {'peak MB':>8s} {'KB/step':>8s}")
     for name, times, peak, out in rows:
         best, med = min(times) / n * 1e3, statistics.median(times) / n * 1e3

@@ -92,8 +92,11 @@ class FastForward:
         self.vision_config = self.model.config.vision_config
 
     def bridge_has_hooks(self) -> bool:
-        """True when any TransformerLens hook is attached: then every hook point must fire."""
-        return any(hp.fwd_hooks or hp.bwd_hooks for hp in self.hook_points)
+        """True when any TransformerLens forward hook is attached: then every hook point must fire.
+
+        (Backward hooks cannot fire under the tracer's ``inference_mode``.)
+        """
+        return any(hp.fwd_hooks for hp in self.hook_points)
 
     @contextlib.contextmanager
     def _unbridged(self) -> Iterator[None]:
