@@ -35,3 +35,11 @@ def next_lens(next_dir):
 def image():
     rng = np.random.default_rng(0)
     return (rng.random((40, 56, 3)) * 255).astype("uint8")
+
+
+@pytest.fixture(scope="session")
+def prefill_trace(lens):
+    """A 4-step trace of the tiny LLaVA-1.5 with the prefill cache (what the views read)."""
+    rng = np.random.default_rng(0)
+    image = (rng.random((40, 56, 3)) * 255).astype("uint8")
+    return lens.trace(image, "what color is the circle ?", max_new_tokens=4, prefill_cache=True)

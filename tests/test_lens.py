@@ -3,25 +3,16 @@
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
-import llava_lens
 from llava_lens.lens import LogitLens, logit_lens, patch_words
-from llava_lens.toy.build import build_llava
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    path = tmp_path_factory.mktemp("lensmodel") / "m"
-    build_llava(path, "llava")
-    lens = llava_lens.load(str(path))
-    image = Image.fromarray((np.random.default_rng(0).random((40, 56, 3)) * 255).astype("uint8"))
-    trace = lens.trace(image, "what color is the circle ?", max_new_tokens=4, prefill_cache=True)
-    return path, lens, trace
+def setup(llava_dir, lens, prefill_trace):
+    return llava_dir, lens, prefill_trace
 
 
 def _hand_logprobs(path: Path, resid: torch.Tensor) -> torch.Tensor:

@@ -4,15 +4,12 @@ import dataclasses
 import re
 from html.parser import HTMLParser
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-import llava_lens
 from llava_lens.families import VisionSpan
 from llava_lens.lens import LogitLens, logit_lens
-from llava_lens.toy.build import build_llava
 from llava_lens.trace import Trace
 from llava_lens.views import export, plots
 from llava_lens.views import html as vhtml
@@ -21,13 +18,8 @@ EVIL = "</script><script>alert(1)</script>"
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    path = tmp_path_factory.mktemp("viewsmodel") / "m"
-    build_llava(path, "llava")
-    lens = llava_lens.load(str(path))
-    image = Image.fromarray((np.random.default_rng(2).random((40, 56, 3)) * 255).astype("uint8"))
-    trace = lens.trace(image, "what color is the circle ?", max_new_tokens=4, prefill_cache=True)
-    return trace, logit_lens(trace, lens, k=3)
+def setup(lens, prefill_trace):
+    return prefill_trace, logit_lens(prefill_trace, lens, k=3)
 
 
 class _Scripts(HTMLParser):
