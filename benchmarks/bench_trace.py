@@ -143,7 +143,8 @@ def run_rows(model_dir, args, dtype):
 def print_table(rows, args):
     n = args.new_tokens
     base = min(rows[0][1]) / n
-    print(f"\nmodel={args.model or args.shape} device={args.device} dtype={args.dtype} new_tokens={n} repeats={args.repeats}")
+    print(f"\nmodel={args.model or args.shape} device={args.device} dtype={args.dtype} new_tokens={n} "
+          f"repeats={args.repeats}")
     print(f"{'method':44s} {'best ms/tok':>11s} {'median':>8s} {'x base':>7s} {'peak MB':>8s} {'KB/step':>8s}")
     for name, times, peak, out in rows:
         best, med = min(times) / n * 1e3, statistics.median(times) / n * 1e3

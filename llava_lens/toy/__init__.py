@@ -1,0 +1,1 @@
+"""The embedded shapes-tiny model: procedural scenes, tokenizer/processor builder, training."""

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from PIL import Image
@@ -41,7 +41,8 @@ def rows(n_scenes: int, first_seed: int = 0, style: Style = Style()) -> Iterator
 
 def to_dataset(n_scenes: int, first_seed: int = 0, style: Style = Style()):
     """The QA pairs of ``n_scenes`` scenes as a ``datasets.Dataset`` (image and mask as images)."""
-    from datasets import Dataset, Features, Image as ImageFeature, Sequence, Value
+    from datasets import Dataset, Features, Sequence, Value
+    from datasets import Image as ImageFeature
 
     features = Features({
         "scene_id": Value("int64"), "image": ImageFeature(), "question": Value("string"),

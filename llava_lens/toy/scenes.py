@@ -26,8 +26,11 @@ QTYPES = ("color", "shape", "count", "position", "exists")
 
 @dataclass(frozen=True)
 class Style:
-    """How a scene is drawn: canvas size, object radius range (fraction of size), fill/outline,
-    background texture, background noise amplitude and number of clutter specks."""
+    """How a scene is drawn.
+
+    Canvas size, object radius range (fraction of size), fill/outline, background texture,
+    background noise amplitude and number of clutter specks.
+    """
 
     size: int = 64
     min_objects: int = 1
@@ -90,7 +93,8 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
                 for i in range(10)]
     if shape == "cross":
         a, b = r, r * 0.33
-        pts = [(-b, -a), (b, -a), (b, -b), (a, -b), (a, b), (b, b), (b, a), (-b, a), (-b, b), (-a, b), (-a, -b), (-b, -b)]
+        pts = [(-b, -a), (b, -a), (b, -b), (a, -b), (a, b), (b, b), (b, a), (-b, a), (-b, b), (-a, b),
+               (-a, -b), (-b, -b)]
         return [(cx + x, cy + y) for x, y in pts]
     raise ValueError(f"unknown shape {shape!r}")
 

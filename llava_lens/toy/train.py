@@ -1,9 +1,9 @@
-"""Train the embedded ``shapes-tiny`` LLaVA from scratch on procedural shape scenes.
+r"""Train the embedded ``shapes-tiny`` LLaVA from scratch on procedural shape scenes.
 
     python -m llava_lens.toy.train --out /tmp/shapes-run --steps 5000
 
 The model (CLIP ViT + Llama + MLP projector, built by :func:`llava_lens.toy.build.build_llava`)
-is teacher-forced on ``USER: <image>\\n{question} ASSISTANT: {answer}</s>`` with the loss on the
+is teacher-forced on ``USER: <image>\n{question} ASSISTANT: {answer}</s>`` with the loss on the
 answer tokens only. Batches are a pure function of ``(seed, step)``, so a run resumed with
 ``--resume`` from its last checkpoint (safetensors + JSON, no pickles) sees the same data.
 """
