@@ -1,0 +1,41 @@
+"""Entropy of each layer's attention over the image tokens (focused = low, diffuse = high)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from llava_lens.grounding import image_attention
+from llava_lens.trace import Trace
+
+
+def row_entropy(p: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of the last dim of ``p`` after renormalising it to sum 1 (0 log 0 = 0)."""
+    p = p.float().clamp_min(0)
+    p = p / p.sum(-1, keepdim=True).clamp_min(1e-12)
+    return -(p * p.clamp_min(1e-30).log()).sum(-1)
+
+
+def image_attention_entropy(trace: Trace, normalized: bool = False) -> torch.Tensor:
+    """``[S, L]``: entropy of each head's attention restricted to image tokens, mean over heads.
+
+    With ``normalized``, divided by ``log(n)`` (n image tokens): 1 = uniform, 0 = one token.
+    """
+    ent = row_entropy(image_attention(trace)).mean(-1)  # [S, L, H] -> [S, L]
+    return ent / math.log(len(trace.vision_span)) if normalized else ent
+
+
+def plot_entropy(entropy: torch.Tensor, tokens: list[str], path: str | Path) -> list[Path]:
+    """One line per generated step: normalised image-attention entropy by layer."""
+    from llava_lens.views.plots import _figure, _save, clean_token
+
+    fig = _figure(5, 3)
+    ax = fig.add_subplot(1, 1, 1)
+    for s, tok in enumerate(tokens):
+        ax.plot(range(entropy.shape[1]), entropy[s].tolist(), marker="o", label=clean_token(tok))
+    ax.set_xlabel("layer")
+    ax.set_ylabel("image-attention entropy")
+    ax.legend(fontsize=7, ncol=2)
+    return _save(fig, Path(path))
