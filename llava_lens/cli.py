@@ -170,7 +170,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     try:
         counts = sweep.run_sweep(lens, examples, out, limit=args.limit, max_new_tokens=args.max_new_tokens,
                                  shard_size=args.shard_size, rank=ctx.rank, world_size=ctx.world_size,
-                                 progress=not args.no_progress)
+                                 progress=not args.no_progress, batch_size=args.batch_size)
     finally:
         signal.signal(signal.SIGTERM, previous)
     tag = f" [{ctx.tag()}]" if ctx.tag() else ""
@@ -243,6 +243,8 @@ def _add_commands(sub: Any, model: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None,
                    help="only the first N examples of the data (all ranks together)")
     p.add_argument("--shard-size", type=int, default=8, help="rows per Parquet shard (written atomically)")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="examples generated together per forward pass (same rows, faster on a GPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_sweep)
     p = sub.add_parser("summary", help="aggregate a sweep: emergence, vision share, accuracy; plots",

@@ -1,6 +1,7 @@
 """Fast forward passes for tracing: HF's own modules and sdpa, capturing only what a Step needs.
 
-What a step needs is the attention row of the last query and the residual stream at it.
+What a step needs is the attention row of the last query and the residual stream at it (for
+every element of a batch: :mod:`llava_lens.batch` steps several examples at once).
 
 Booting the bridge replaces every submodule of the HF model by a TransformerLens component that
 re-implements attention eagerly and routes each intermediate through a hook point. That is what
@@ -39,15 +40,19 @@ _sink: Optional[dict[int, torch.Tensor]] = None  # where the attention function 
 def _sdpa_with_last_row(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                         value: torch.Tensor, attention_mask: Optional[torch.Tensor],
                         scaling: Optional[float] = None, **kwargs: Any):
-    """Sdpa attention that also records the last query's attention row in ``_sink``."""
+    """Sdpa attention that also records each batch element's last-query attention row in ``_sink``.
+
+    Rows are ``[batch, heads, keys]``; each element's own mask row is applied, so left-pad keys of
+    a padded batch get zero weight.
+    """
     out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
     if _sink is not None:
-        keys = repeat_kv(key, query.shape[1] // key.shape[1])[0]  # [heads, keys, d_head]
-        q = query[0, :, -1:].float()                               # [heads, 1, d_head]
+        keys = repeat_kv(key, query.shape[1] // key.shape[1])  # [batch, heads, keys, d_head]
+        q = query[:, :, -1:].float()                           # [batch, heads, 1, d_head]
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        scores = (q @ keys.float().transpose(-1, -2))[:, 0] * scale  # [heads, keys]
+        scores = (q @ keys.float().transpose(-1, -2))[:, :, 0] * scale  # [batch, heads, keys]
         if attention_mask is not None:  # sliding windows, padding: apply the last query's mask row
-            row = attention_mask[0, :, -1, : keys.shape[1]]
+            row = attention_mask[:, :, -1, : keys.shape[2]]  # [batch, 1 or heads, keys]
             scores = scores.masked_fill(~row, float("-inf")) if row.dtype == torch.bool else scores + row
         _sink[module.layer_idx] = scores.softmax(-1)
     return out, None
@@ -116,22 +121,33 @@ class FastForward:
                 parent._modules[name] = comp
 
     def __call__(self, **model_kwargs: Any) -> tuple[torch.Tensor, Any, dict[str, torch.Tensor]]:
-        """One HF forward; returns (last logits ``[d_vocab]``, KV cache, captured tensors).
+        """One HF forward of a single example; returns (last logits ``[d_vocab]``, KV cache, captures).
 
         Captured: ``attention [n_layers, n_heads, n_keys]`` and ``resid [n_layers + 1, d_model]``
         of the last position.
+        """
+        logits, past, captured = self.batched(**model_kwargs)
+        return logits[0], past, {k: v[0] for k, v in captured.items()}
+
+    def batched(self, **model_kwargs: Any) -> tuple[torch.Tensor, Any, dict[str, torch.Tensor]]:
+        """One HF forward of a batch; returns (last logits ``[batch, d_vocab]``, KV cache, captures).
+
+        Captured, per batch element: ``attention [batch, n_layers, n_heads, n_keys]`` (over all
+        keys of the batch, pad columns included, with zero weight) and ``resid [batch, n_layers +
+        1, d_model]`` of the last position. Pass ``attention_mask`` (and ``position_ids``) for a
+        left-padded batch.
         """
         resid: list[Optional[torch.Tensor]] = [None] * (len(self.layers) + 1)
 
         def pre_hook(index: int):
             def hook(module, args, kwargs):
                 hidden = args[0] if args else kwargs["hidden_states"]
-                resid[index] = hidden[0, -1]
+                resid[index] = hidden[:, -1]
             return hook
 
         def last_hook(module, args, kwargs, output):
             hidden = output[0] if isinstance(output, tuple) else output
-            resid[-1] = hidden[0, -1]
+            resid[-1] = hidden[:, -1]
 
         handles = [layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True)
                    for i, layer in enumerate(self.layers)]
@@ -143,5 +159,6 @@ class FastForward:
         finally:
             for handle in handles:
                 handle.remove()
-        attention = torch.stack([rows[i] for i in range(len(self.layers))])
-        return out.logits[0, -1], out.past_key_values, {"attention": attention, "resid": torch.stack(resid)}
+        attention = torch.stack([rows[i] for i in range(len(self.layers))], dim=1)
+        captured = {"attention": attention, "resid": torch.stack(resid, dim=1)}
+        return out.logits[:, -1], out.past_key_values, captured

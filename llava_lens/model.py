@@ -200,6 +200,28 @@ class LlavaLens:
             prefill=prefill,
         )
 
+    def trace_batch(self, images: Sequence[ImageLike], questions: Union[str, Sequence[str]],
+                    max_new_tokens: int = 32, *, dtype: torch.dtype = torch.float32, top_k: int = 20,
+                    keep_logits: bool = True, stop_strings: Sequence[str] = (), **sampling: Any) -> list[Trace]:
+        """:meth:`trace` for several examples at once: one left-padded batch per forward pass.
+
+        ``questions`` is one question per image, or one string for all. Each returned
+        :class:`Trace` equals ``trace(image, question)`` of its example (up to float rounding).
+        Records the default capture only (no ``capture``/``prefill_cache``); when the fast path
+        cannot be used (hooks attached to the bridge...), the examples are traced one by one.
+        See :mod:`llava_lens.batch`.
+        """
+        from llava_lens.batch import Prepared, trace_prepared
+
+        questions = [questions] * len(images) if isinstance(questions, str) else list(questions)
+        if len(questions) != len(images):
+            raise ValueError(f"{len(images)} images but {len(questions)} questions")
+        if "sample_top_k" in sampling:
+            sampling["top_k"] = sampling.pop("sample_top_k")
+        prepared = [Prepared(*self.prepare(image, q), q) for image, q in zip(images, questions)]
+        return trace_prepared(self, prepared, max_new_tokens=max_new_tokens, sampling=Sampling(**sampling),
+                              stop_strings=stop_strings, dtype=dtype, top_k=top_k, keep_logits=keep_logits)
+
     def describe(self) -> dict[str, Any]:
         """Sizes and names the views need, stored in each :class:`Trace`."""
         vision = self.config.vision_config

@@ -219,34 +219,87 @@ def emergence_layers(ranks: Any) -> list[int]:
     return [n_layers - int(k) if k > 0 else -1 for k in top]
 
 
+def _empty_row(example: Example) -> dict[str, Any]:
+    row: dict[str, Any] = {name: None for name in SCHEMA.names}
+    row.update(id=example.id, question=example.question, target=example.target)
+    return row
+
+
+def _error(err: Exception) -> str:
+    message = str(err).splitlines()[0] if str(err) else ""
+    return f"{type(err).__name__}: {message}"[:500]
+
+
+def _fill(lens: Any, row: dict[str, Any], trace: Any) -> None:
+    """Put the logit-lens and vision-share results of ``trace`` into ``row``."""
+    from llava_lens.grounding import vision_share
+    from llava_lens.lens import logit_lens
+
+    result = logit_lens(trace, lens, k=1, prompt=False)
+    emergence = emergence_layers(result.target_ranks)
+    row.update(
+        answer=trace.text, tokens=trace.tokens, n_tokens=len(trace),
+        token_probs=result.target_probs.T.tolist(), token_ranks=result.target_ranks.T.tolist(),
+        emergence=emergence, emergence_first=emergence[0] if emergence else None,
+        vision_share=vision_share(trace).per_layer[..., 0].mean(0).tolist(),
+    )
+
+
 def analyse(lens: Any, example: Example, max_new_tokens: int = 16) -> dict:
     """Generate an answer for ``example`` and return its sweep row (see ``SCHEMA``).
 
     Any :class:`Exception` (corrupt image, unreadable file...) becomes an error row with a
     one-line message, so one bad example never stops a sweep.
     """
-    from llava_lens.grounding import vision_share
-    from llava_lens.lens import logit_lens
-
     start = time.perf_counter()
-    row: dict[str, Any] = {name: None for name in SCHEMA.names}
-    row.update(id=example.id, question=example.question, target=example.target)
+    row = _empty_row(example)
     try:
         image = example.image() if callable(example.image) else example.image
         trace = lens.trace(image, example.question, max_new_tokens=max_new_tokens, keep_logits=False)
-        result = logit_lens(trace, lens, k=1, prompt=False)
-        emergence = emergence_layers(result.target_ranks)
-        row.update(
-            answer=trace.text, tokens=trace.tokens, n_tokens=len(trace),
-            token_probs=result.target_probs.T.tolist(), token_ranks=result.target_ranks.T.tolist(),
-            emergence=emergence, emergence_first=emergence[0] if emergence else None,
-            vision_share=vision_share(trace).per_layer[..., 0].mean(0).tolist(),
-        )
+        _fill(lens, row, trace)
     except Exception as err:  # noqa: BLE001 - every failure becomes a row; the sweep goes on
-        message = str(err).splitlines()[0] if str(err) else ""
-        row["error"] = f"{type(err).__name__}: {message}"[:500]
+        row["error"] = _error(err)
     row["seconds"] = time.perf_counter() - start
     return row
+
+
+def analyse_batch(lens: Any, examples: list[Example], max_new_tokens: int = 16) -> list[dict]:
+    """Rows of several examples, generated together in one batch (:mod:`llava_lens.batch`).
+
+    Same rows as :func:`analyse` on each (up to float rounding). An example that fails to load
+    or prepare becomes its own error row and the others go on; if the batched generation itself
+    fails, each example is retried alone so the failure lands on the row that causes it.
+    ``seconds`` is the batch's generation time shared equally, plus the example's own work.
+    """
+    from llava_lens.batch import Prepared, trace_prepared
+
+    start = time.perf_counter()
+    rows = [_empty_row(ex) for ex in examples]
+    ready: list[tuple[int, Prepared]] = []
+    for i, example in enumerate(examples):
+        try:
+            image = example.image() if callable(example.image) else example.image
+            ready.append((i, Prepared(*lens.prepare(image, example.question), example.question)))
+        except Exception as err:  # noqa: BLE001 - a bad example is an error row, not a stopped batch
+            rows[i]["error"] = _error(err)
+            rows[i]["seconds"] = time.perf_counter() - start
+    if not ready:
+        return rows
+    try:
+        traces = trace_prepared(lens, [p for _, p in ready], max_new_tokens=max_new_tokens, keep_logits=False)
+    except Exception:  # noqa: BLE001 - find which example fails by running each alone
+        for i, _ in ready:
+            rows[i] = analyse(lens, examples[i], max_new_tokens)
+        return rows
+    shared = (time.perf_counter() - start) / len(ready)
+    for (i, _), trace in zip(ready, traces):
+        own = time.perf_counter()
+        try:
+            _fill(lens, rows[i], trace)
+        except Exception as err:  # noqa: BLE001 - as in analyse
+            rows[i]["error"] = _error(err)
+        rows[i]["seconds"] = shared + time.perf_counter() - own
+    return rows
 
 
 def shard_files(out_dir: str | Path) -> list[Path]:
@@ -303,18 +356,21 @@ class ShardWriter:
 
 def run_sweep(lens: Any, examples: Iterator[Example], out_dir: str | Path, *, limit: Optional[int] = None,
               max_new_tokens: int = 16, shard_size: int = 4, rank: int = 0, world_size: int = 1,
-              progress: bool = True) -> dict[str, int]:
+              progress: bool = True, batch_size: int = 1) -> dict[str, int]:
     """Analyse every example of this rank not yet in ``out_dir``; write rows as shards; resumable.
 
     ``rank``/``world_size`` (see :func:`launch_context`) select this process's share of the
     examples (:func:`is_mine`); ids already in any rank's shards are skipped. ``limit`` keeps the
     first ``limit`` examples of the data (all ranks together, done or not), so N processes with a
     limit do the same set as one, and re-running with the same limit finishes it. Only rank 0
-    shows a progress bar. Returns counts for this rank: ``done`` (this run), ``skipped`` (already
-    there), ``errors`` (this run).
+    shows a progress bar. ``batch_size`` examples are generated together per forward pass
+    (:func:`analyse_batch`); rows are the same as one at a time. Returns counts for this rank:
+    ``done`` (this run), ``skipped`` (already there), ``errors`` (this run).
     """
     from tqdm import tqdm
 
+    if batch_size < 1:
+        raise SweepError(f"batch size must be >= 1, got {batch_size}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     seen = done_ids(out)
@@ -331,14 +387,19 @@ def run_sweep(lens: Any, examples: Iterator[Example], out_dir: str | Path, *, li
             todo.append(example)
     writer, errors = ShardWriter(out, rank, shard_size), 0
     tag = LaunchContext(rank, max(world_size, 1)).tag()
-    bar = tqdm(todo, desc=f"sweep [{tag}]" if tag else "sweep", unit="ex", dynamic_ncols=True,
+    bar = tqdm(total=len(todo), desc=f"sweep [{tag}]" if tag else "sweep", unit="ex", dynamic_ncols=True,
                disable=not progress or rank != 0)
     try:
-        for example in bar:
-            row = analyse(lens, example, max_new_tokens)
-            errors += row["error"] is not None
-            writer.add(row)
+        for first in range(0, len(todo), batch_size):
+            chunk = todo[first:first + batch_size]
+            rows = [analyse(lens, chunk[0], max_new_tokens)] if batch_size == 1 else \
+                analyse_batch(lens, chunk, max_new_tokens)
+            for row in rows:
+                errors += row["error"] is not None
+                writer.add(row)
+            bar.update(len(chunk))
     finally:
+        bar.close()
         writer.flush()  # Ctrl-C keeps what was computed; SIGKILL loses only the unwritten buffer
     return {"done": len(todo), "skipped": skipped, "errors": errors}
 
