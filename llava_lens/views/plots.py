@@ -92,7 +92,8 @@ def plot_target_curve(result: LogitLens, path: str | Path) -> list[Path]:
         ax_r.plot(layers, ranks[:, s] + 1, color="#1f77b4", alpha=0.25, linewidth=0.8)
     ax_p.plot(layers, probs.mean(1), color="black", linewidth=2, label="mean over tokens")
     ax_r.plot(layers, np.exp(np.log(ranks + 1).mean(1)), color="black", linewidth=2, label="geometric mean")
-    ax_p.set(xlabel="residual stream (layer)", ylabel="p(final token)", ylim=(0, 1), title="Probability of the generated token")
+    ax_p.set(xlabel="residual stream (layer)", ylabel="p(final token)", ylim=(0, 1),
+             title="Probability of the generated token")
     ax_r.set(xlabel="residual stream (layer)", ylabel="rank + 1", yscale="log", title="Rank of the generated token")
     step = max(1, math.ceil(len(layers) / 12))  # readable ticks up to 33 residual layers
     for ax in (ax_p, ax_r):
