@@ -18,7 +18,10 @@ import torch
 
 import llava_lens as ll
 from llava_lens.analysis.contrastive import contrastive_map_fn
-from llava_lens.analysis.scoring import evaluate_grounding, paint_grid, pointing_hit
+from llava_lens.analysis.entropy import image_attention_entropy
+from llava_lens.analysis.heads import HeadFocus, head_focus
+from llava_lens.analysis.knockout import knockout_windows
+from llava_lens.analysis.scoring import evaluate_grounding, occlusion_map, paint_grid, pointing_hit
 from llava_lens.analysis.sinks import find_sinks, sink_excluded_map
 from llava_lens.grounding import MAPS, image_attention, vision_share
 from llava_lens.toy.scenes import COLORS, SHAPES
@@ -56,7 +59,7 @@ def seed_claims(lens, traces) -> tuple[dict, dict]:
     """Vision share by word class; first logit-lens layer where the answer word is top-1."""
     share = defaultdict(list)
     first = defaultdict(int)
-    for trace, qa, step in traces:
+    for trace, _qa, step in traces:
         vs = vision_share(trace).mean[:, 0]
         for s, tok in enumerate(trace.tokens):
             word = tok.lstrip("▁")
@@ -70,22 +73,56 @@ def seed_claims(lens, traces) -> tuple[dict, dict]:
     return share, dict(first)
 
 
+def mechanism_lines(lens, traces) -> list[str]:
+    """Knockout by layer, image-attention entropy by layer, and the heads most changed by a blank image."""
+    ko, ent, change, share = [], [], [], []
+    for trace, _qa, step in traces:
+        image, prefix, target = np.asarray(trace.image), trace.token_ids[:step], trace.token_ids[step]
+        k = knockout_windows(lens, image, trace.question, prefix, target)
+        ko.append([k.baseline, *k.probs.tolist(), k.all_layers])
+        ent.append(image_attention_entropy(trace, normalized=True)[step])
+        focus = head_focus(lens, trace, step)
+        change.append(focus.blank_change)
+        share.append(focus.image_share)
+    ko, n = np.mean(ko, 0), lens.n_layers
+    lines = ["", "## Attention knockout (last position -/-> image tokens), mean answer probability", "",
+             "| none | " + " | ".join(f"L{i}" for i in range(n)) + " | all layers |", "|---" * (n + 2) + "|",
+             "| " + " | ".join(f"{v:.3f}" for v in ko) + " |", "",
+             "## Normalised image-attention entropy at the answer step (1 = uniform over patches)", "",
+             " | ".join(f"L{i}: {v:.3f}" for i, v in enumerate(torch.stack(ent).mean(0).tolist())), "",
+             "## Heads (layer, head): image attention share and output change with a blank image", ""]
+    focus = HeadFocus(torch.stack(share).mean(0), torch.stack(change).mean(0))
+    for by in ("image_share", "blank_change"):
+        top = ", ".join(f"L{la}H{h} {v:.2f}" for la, h, v in focus.ranking(by)[:5])
+        lines.append(f"- top 5 by {by}: {top}")
+    return lines
+
+
 def main() -> None:
     """Run the evaluation and print the tables."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenes", type=int, default=100)
     parser.add_argument("--seed", type=int, default=7 * 2**50 + 10_000)
+    parser.add_argument("--qtypes", default="color", help="comma-separated question types (color,shape)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy CPU)")
     parser.add_argument("--out", default=None, help="also write the markdown here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.time()
     lens = ll.load(device="cpu")
+    memo: dict = {}
+
+    def occlusion(trace, layers=None):  # layer-independent: computed once per trace
+        if memo.get("trace") is not trace:
+            memo.update(trace=trace, map=occlusion_map(lens, trace))
+        return memo["map"]
+
     maps = dict(MAPS, llm_mean_no_sinks=sink_excluded_map(MAPS["llm_mean"]),
-                contrastive_llm_mean=contrastive_map_fn(lens, "llm_mean"))
+                contrastive_llm_mean=contrastive_map_fn(lens, "llm_mean"), occlusion=occlusion)
     n = lens.n_layers
     ranges = {"all": None, "early": "early", "late": "late", **{f"L{i}": [i] for i in range(n)}}
-    res = evaluate_grounding(lens, args.scenes, args.seed, ranges, maps, keep_traces=True)
+    res = evaluate_grounding(lens, args.scenes, args.seed, ranges, maps, qtypes=args.qtypes.split(","),
+                             keep_traces=True)
     lines = [f"## Grounding scores ({res.n_examples} examples scored, {res.n_skipped} wrong answers skipped, "
              f"{args.scenes} held-out scenes)", "", res.table(), ""]
     n_sinks = [len(find_sinks(t).indices) for t, _, _ in res.traces]
@@ -106,6 +143,7 @@ def main() -> None:
         lines.append(f"| {cls} | (all) | {len(vals)} | {np.mean(vals):.3f} |")
     for (cls, word), vs in sorted(share.items()):
         lines.append(f"| {cls} | {word} | {len(vs)} | {np.mean(vs):.3f} |")
+    lines += mechanism_lines(lens, res.traces)
     lines += ["", f"First logit-lens layer (0 = embeddings, {n} = final) where the answer word is top-1, "
               f"over {res.n_examples} examples: {dict(sorted(first.items()))}",
               "", f"Runtime: {time.time() - t0:.0f} s"]
