@@ -266,14 +266,16 @@ def score_example(lens: Any, trace: Any, image: np.ndarray, qa: Any, step: int, 
 
 def evaluate_grounding(lens: Any, n_scenes: int = 100, seed: int = 7 * 2**50 + 10_000,
                        layer_ranges: Optional[dict] = None, maps: Optional[dict] = None,
-                       qtypes: Sequence[str] = ("color", "shape"), deletion_for: Sequence[str] = ("all",),
+                       qtypes: Sequence[str] = ("color",), deletion_for: Sequence[str] = ("all",),
                        keep_traces: bool = False) -> GroundingResult:
     """Score grounding maps on held-out embedded-model scenes against the asked object's mask.
 
     Scene ``seed + k`` gets a question of type ``qtypes[k % len(qtypes)]``; the map is read at the
     step that generates the answer word (colour or shape). Examples the model answers wrongly are
-    skipped (counted in ``n_skipped``). ``maps`` defaults to :data:`grounding.MAPS` plus a random
-    map; deletion/insertion curves are computed for the layer ranges named in ``deletion_for``.
+    skipped (counted in ``n_skipped``). Colour questions only by default: the embedded checkpoint
+    answers shape questions at chance, so they carry no grounding signal. ``maps`` defaults to
+    :data:`grounding.MAPS` plus a random map; deletion/insertion curves are computed for the layer
+    ranges named in ``deletion_for``.
     """
     from llava_lens.grounding import MAPS
 
