@@ -1,4 +1,4 @@
-"""The ``llava-lens`` command line: ``demo``, ``trace``, ``sweep``, ``summary`` and ``report``.
+"""The ``llava-lens`` command line: ``demo``, ``trace``, ``sweep``, ``summary``, ``report``, ``eval-grounding``.
 
 Every command writes only under its output folder and exits with a one-line message and a
 non-zero status on bad input (status 2) or interruption (130).
@@ -197,6 +197,21 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval_grounding(args: argparse.Namespace) -> int:
+    from llava_lens.analysis.scoring import evaluate_grounding
+
+    lens = _load(args)
+    result = evaluate_grounding(lens, n_scenes=args.scenes, qtypes=tuple(args.qtypes.split(",")))
+    table = result.table()
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "grounding.md").write_text(table + "\n")
+        print(f"table written to {out / 'grounding.md'}", file=sys.stderr)
+    return 0
+
+
 def _model_options() -> argparse.ArgumentParser:
     """Options shared by every command that runs a model."""
     p = argparse.ArgumentParser(add_help=False)
@@ -256,6 +271,13 @@ def _add_commands(sub: Any, model: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="a folder written by `llava-lens trace` or views.export")
     _layers_option(p)
     p.set_defaults(func=_cmd_report)
+    p = sub.add_parser("eval-grounding", parents=[model], help="score the attention maps on ground-truth masks",
+                       description="Pointing game, energy in mask and deletion/insertion AUC of every map "
+                                   "method on held-out embedded-model scenes (docs/grounding.md).")
+    p.add_argument("--scenes", type=int, default=100, help="held-out scenes to score")
+    p.add_argument("--qtypes", default="color", help="question types, comma-separated (color,shape)")
+    p.add_argument("--out", default=None, help="also write the table to OUT/grounding.md")
+    p.set_defaults(func=_cmd_eval_grounding)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,7 +8,7 @@ from PIL import Image
 
 from llava_lens import cli, sweep
 
-COMMANDS = ("demo", "trace", "sweep", "summary", "report")
+COMMANDS = ("demo", "trace", "sweep", "summary", "report", "eval-grounding")
 
 
 @pytest.fixture
@@ -145,3 +145,13 @@ def test_sweep_and_summary(llava_dir, cwd, capsys):
     for name in ("summary_emergence.png", "summary_vision_share.png", "summary.json"):
         assert (cwd / "sw" / name).is_file()
     assert sorted(p.name for p in cwd.iterdir()) == ["data", "sw"]
+
+
+def test_eval_grounding_prints_and_writes_the_table(tmp_path, capsys):
+    """On the embedded model: a table with every map method and a chance column."""
+    assert cli.main(["eval-grounding", "--scenes", "4", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for method in ("llm_mean", "llm_max", "vlm_visualizer", "vit_rollout", "random"):
+        assert f"| {method} |" in out
+    assert "chance" in out
+    assert (tmp_path / "grounding.md").read_text().strip() == out.strip()

@@ -216,6 +216,8 @@ class GroundingResult:
         """A markdown table: mean scores per method and layer range, with chance levels."""
         import pandas as pd
 
+        if not self.rows:  # every example answered wrongly: there is no grounded answer to score
+            return "no example was answered correctly; nothing to score"
         df = pd.DataFrame(self.rows)
         agg = df.groupby(["method", "layers"], sort=False).agg(
             n=("pointing", "size"), pointing=("pointing", "mean"), energy=("energy", "mean"),
