@@ -145,8 +145,9 @@ def generate_batch(lens: Any, prepared: Sequence[Prepared], *, max_new_tokens: i
     return [(row.steps, row.stop) for row in rows]
 
 
-def build_trace(lens: Any, item: Prepared, steps: list[Step], stop: str) -> Trace:
-    """The :class:`Trace` of one example from its Steps (as :meth:`LlavaLens.trace` builds it)."""
+def build_trace(lens: Any, item: Prepared, steps: list[Step], stop: str,
+                prefill: dict[str, torch.Tensor] | None = None) -> Trace:
+    """The :class:`Trace` of one example from its Steps (and prefill cache, if recorded)."""
     inputs = item.inputs
     ids = inputs.input_ids[0]
     return Trace(
@@ -154,6 +155,7 @@ def build_trace(lens: Any, item: Prepared, steps: list[Step], stop: str) -> Trac
         prompt_tokens=lens.tokenizer.convert_ids_to_tokens(ids.tolist()), question=item.question,
         prompt=inputs.prompt, text=lens.tokenizer.decode([s.token_id for s in steps], skip_special_tokens=True),
         image=inputs.image, model_name=lens.name, config=lens.describe(), stop_reason=stop,
+        prefill=prefill or {},
     )
 
 
@@ -165,17 +167,18 @@ def trace_prepared(lens: Any, prepared: Sequence[Prepared], *, max_new_tokens: i
     """
     sampling = sampling or Sampling()
     if not can_batch(lens):  # hooks on the bridge, or a text tower the fast path does not know
-        return [_trace_one(lens, item, max_new_tokens, sampling, options) for item in prepared]
+        return [trace_one(lens, item, max_new_tokens=max_new_tokens, sampling=sampling, **options)
+                for item in prepared]
     results = generate_batch(lens, prepared, max_new_tokens=max_new_tokens, sampling=sampling, **options)
     return [build_trace(lens, item, steps, stop) for item, (steps, stop) in zip(prepared, results)]
 
 
-def _trace_one(lens: Any, item: Prepared, max_new_tokens: int, sampling: Sampling,
-               options: dict[str, Any]) -> Trace:
-    """One example through :func:`llava_lens.tracer.generate_steps` (the unbatched fallback)."""
+def trace_one(lens: Any, item: Prepared, *, max_new_tokens: int, sampling: Sampling, **options: Any) -> Trace:
+    """One example through :func:`llava_lens.tracer.generate_steps` (``options`` as for it)."""
     from llava_lens.tracer import generate_steps
 
+    prefill: dict[str, torch.Tensor] = {}
     stop = ["max_new_tokens"]
     steps = list(generate_steps(lens, item.inputs, max_new_tokens=max_new_tokens, sampling=sampling,
-                                on_stop=lambda r: stop.__setitem__(0, r), **options))
-    return build_trace(lens, item, steps, stop[0])
+                                on_prefill=prefill.update, on_stop=lambda r: stop.__setitem__(0, r), **options))
+    return build_trace(lens, item, steps, stop[0], prefill)

@@ -12,6 +12,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from transformer_lens.utilities.multi_gpu import resolve_device_map
 from transformers import AutoConfig, AutoProcessor
 
+from llava_lens.batch import Prepared, trace_one, trace_prepared
 from llava_lens.errors import UnsupportedModelError
 from llava_lens.families import Family, VisionSpan, family_for
 from llava_lens.inputs import ImageLike, ModelInputs, prepare
@@ -66,6 +67,14 @@ def _load_processor(source: str) -> Any:
             f"{source!r} has no LLaVA processor (image processor + tokenizer files); "
             "save one with processor.save_pretrained(dir)")
     return processor
+
+
+def _sampling(options: dict[str, Any]) -> Sampling:
+    """Sampling options of ``trace``/``step``; ``sample_top_k`` (``top_k`` is the kept top-k)."""
+    options = dict(options)
+    if "sample_top_k" in options:
+        options["top_k"] = options.pop("sample_top_k")
+    return Sampling(**options)
 
 
 def load(path_or_id: Optional[str] = None, device: Optional[str] = None,
@@ -147,7 +156,7 @@ class LlavaLens:
         """
         inputs, _ = self.prepare(image, question)
         yield from generate_steps(
-            self, inputs, max_new_tokens=max_new_tokens, sampling=Sampling(**sampling),
+            self, inputs, max_new_tokens=max_new_tokens, sampling=_sampling(sampling),
             stop_strings=stop_strings, capture=capture, default_capture=default_capture,
             dtype=dtype, top_k=top_k, keep_logits=keep_logits, fast=fast)
 
@@ -178,27 +187,14 @@ class LlavaLens:
                 bridge, run HF's own modules with sdpa and compute just each step's attention
                 row (see :mod:`llava_lens.fastpath`); otherwise, or with ``fast=False``, every
                 forward goes through the bridge and every TransformerLens hook fires.
-            **sampling: ``do_sample``, ``temperature``, ``top_p``, ``top_k`` is taken above so use
-                ``sample_top_k``, and ``seed``; greedy by default.
+            **sampling: ``do_sample``, ``temperature``, ``top_p``, ``sample_top_k`` (top-k sampling;
+                ``top_k`` above is how many candidates a Step keeps) and ``seed``; greedy by default.
         """
-        inputs, span = self.prepare(image, question)
-        prefill: dict[str, torch.Tensor] = {}
-        stop = ["max_new_tokens"]
-        if "sample_top_k" in sampling:
-            sampling["top_k"] = sampling.pop("sample_top_k")
-        steps = list(generate_steps(
-            self, inputs, max_new_tokens=max_new_tokens, sampling=Sampling(**sampling),
-            stop_strings=stop_strings, capture=capture, default_capture=default_capture,
-            prefill_cache=prefill_cache, dtype=dtype, top_k=top_k, keep_logits=keep_logits, fast=fast,
-            on_prefill=prefill.update, on_stop=lambda r: stop.__setitem__(0, r)))
-        ids = inputs.input_ids[0]
-        return Trace(
-            steps=steps, vision_span=span, prompt_ids=ids.cpu(),
-            prompt_tokens=self.tokenizer.convert_ids_to_tokens(ids.tolist()), question=question,
-            prompt=inputs.prompt, text=self.tokenizer.decode([s.token_id for s in steps], skip_special_tokens=True),
-            image=inputs.image, model_name=self.name, config=self.describe(), stop_reason=stop[0],
-            prefill=prefill,
-        )
+        item = Prepared(*self.prepare(image, question), question)
+        return trace_one(self, item, max_new_tokens=max_new_tokens, sampling=_sampling(sampling),
+                         stop_strings=stop_strings, capture=capture, default_capture=default_capture,
+                         prefill_cache=prefill_cache, dtype=dtype, top_k=top_k, keep_logits=keep_logits,
+                         fast=fast)
 
     def trace_batch(self, images: Sequence[ImageLike], questions: Union[str, Sequence[str]],
                     max_new_tokens: int = 32, *, dtype: torch.dtype = torch.float32, top_k: int = 20,
@@ -211,15 +207,11 @@ class LlavaLens:
         cannot be used (hooks attached to the bridge...), the examples are traced one by one.
         See :mod:`llava_lens.batch`.
         """
-        from llava_lens.batch import Prepared, trace_prepared
-
         questions = [questions] * len(images) if isinstance(questions, str) else list(questions)
         if len(questions) != len(images):
             raise ValueError(f"{len(images)} images but {len(questions)} questions")
-        if "sample_top_k" in sampling:
-            sampling["top_k"] = sampling.pop("sample_top_k")
         prepared = [Prepared(*self.prepare(image, q), q) for image, q in zip(images, questions)]
-        return trace_prepared(self, prepared, max_new_tokens=max_new_tokens, sampling=Sampling(**sampling),
+        return trace_prepared(self, prepared, max_new_tokens=max_new_tokens, sampling=_sampling(sampling),
                               stop_strings=stop_strings, dtype=dtype, top_k=top_k, keep_logits=keep_logits)
 
     def describe(self) -> dict[str, Any]:

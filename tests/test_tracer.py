@@ -243,3 +243,11 @@ def test_load_with_a_device_map_matches_plain_load(lens, llava_dir, image):
     torch.testing.assert_close(a.steps[-1].attention, b.steps[-1].attention)
     with pytest.raises(ValueError, match="mutually exclusive|requires CUDA"):
         ll.load(str(llava_dir), n_devices=2)
+
+
+def test_sample_top_k_one_is_greedy(lens, image):
+    greedy = lens.trace(image, QUESTION, max_new_tokens=6)
+    sampled = lens.trace(image, QUESTION, max_new_tokens=6, do_sample=True, temperature=3.0, sample_top_k=1, seed=0)
+    stepped = [s.token_id for s in lens.step(image, QUESTION, max_new_tokens=6, do_sample=True, temperature=3.0,
+                                              sample_top_k=1, seed=0)]
+    assert sampled.token_ids == greedy.token_ids == stepped
