@@ -57,7 +57,7 @@ class _Row:
 
 def can_batch(lens: Any) -> bool:
     """Whether ``lens`` can trace a batch in one forward (fast path, no bridge hooks attached)."""
-    return fastpath.supported(lens) and not fastpath.FastForward(lens).bridge_has_hooks()
+    return fastpath.supported(lens) and not fastpath.for_lens(lens).bridge_has_hooks()
 
 
 def _pad_pixels(pixels: list[torch.Tensor]) -> torch.Tensor:
@@ -123,7 +123,7 @@ def generate_batch(lens: Any, prepared: Sequence[Prepared], *, max_new_tokens: i
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not prepared:
         return []
-    forward = fastpath.FastForward(lens)
+    forward = fastpath.for_lens(lens)
     rows = [_Row(p, sampling.chooser(lens.device)) for p in prepared]
     options = {"to_cpu": _cpu_mover(dtype), "top_k": top_k, "keep_logits": keep_logits,
                "stop_strings": stop_strings, "max_new_tokens": max_new_tokens}

@@ -67,6 +67,18 @@ def supported(lens: Any) -> bool:
     return getattr(lens.config.text_config, "model_type", "") in SUPPORTED_TEXT_MODELS
 
 
+def for_lens(lens: Any) -> FastForward:
+    """The :class:`FastForward` of ``lens``, built once and kept on it.
+
+    Building it walks every module of the model and every hook point of the bridge: too much to
+    redo for each trace (and twice for a batched one).
+    """
+    forward = getattr(lens, "_fast_forward", None)
+    if forward is None:
+        forward = lens._fast_forward = FastForward(lens)
+    return forward
+
+
 def _swaps(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str, GeneralizedComponent]]:
     """(parent, name, bridge component) for every HF submodule the bridge replaced."""
     found = []

@@ -166,7 +166,7 @@ def generate_steps(
     bridged = BridgeForward(lens, as_predicate(capture), default_capture)
     # The fast path captures exactly the default set; anything else needs the bridge's hooks.
     fast = fast and default_capture and capture is None and fastpath.supported(lens)
-    unbridged = fastpath.FastForward(lens) if fast else None
+    unbridged = fastpath.for_lens(lens) if fast else None
 
     def forward(**kwargs: Any):
         if unbridged is not None and "prefill_names" not in kwargs and not unbridged.bridge_has_hooks():
