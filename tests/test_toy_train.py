@@ -1,57 +1,115 @@
-"""The toy training script: a tiny 20-step run, its outputs, and bit-for-bit resumption."""
+"""The toy training script: a tiny two-stage run, its outputs, bit-for-bit resumption, its batches."""
 
 import json
 
+import numpy as np
+import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from llava_lens.toy.scenes import Style
-from llava_lens.toy.train import Batches, lr_at, parse_args, train
+from llava_lens.toy.batches import COLOR_NAMES, PatchBatches, QABatches, patch_labels, pixels
+from llava_lens.toy.scenes import SHAPES, Style, make_scene
+from llava_lens.toy.train import lr_at, parse_args, qa_loss, train
 
 
-def _run(out, steps, *extra):
-    return train(parse_args(["--out", str(out), "--steps", str(steps), "--tiny", "--batch-size", "8",
-                             "--warmup", "5", "--save-every", "10", "--threads", "1", *extra]))
+def _run(out, steps, *extra, vision_steps=5):
+    return train(parse_args(["--out", str(out), "--steps", str(steps), "--vision-steps", str(vision_steps),
+                             "--tiny", "--batch-size", "4", "--vision-batch-size", "8", "--warmup", "5",
+                             "--save-every", "10", "--threads", "1", *extra]))
 
 
-def test_twenty_step_run(tmp_path):
-    log = _run(tmp_path / "m", 20)
-    out = tmp_path / "m"
-    assert log["steps"] == 20 and len(log["losses"]) >= 1
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny") / "m"
+    return out, _run(out, 15)
+
+
+def test_two_stage_run_writes_a_loadable_model(tiny_run):
+    out, log = tiny_run
+    assert log["steps"] == 20
+    assert [(step, name) for step, name, _ in log["losses"]] == [(5, "vision"), (20, "language")]  # stage ends
     assert (out / "model.safetensors").is_file() and not list(out.glob("*.bin"))
-    assert (out / "checkpoint" / "model.safetensors").is_file()
     state = json.loads((out / "checkpoint" / "state.json").read_text())
     assert state["step"] == 20
+    # The training-only heads live in the checkpoint, never in the model.
+    assert (out / "checkpoint" / "heads.safetensors").is_file()
+    assert not [k for k in load_file(str(out / "model.safetensors")) if "heads" in k]
     model = LlavaForConditionalGeneration.from_pretrained(out)
     processor = AutoProcessor.from_pretrained(out)
-    batch = Batches(processor, 0, 4, Style(size=32))[0]
+    batch = QABatches(processor, 0, 2, Style(size=32))[0]
     with torch.no_grad():
-        loss = model(**batch).loss.item()
+        loss = qa_loss(model, batch).item()
     assert loss < 4.5  # vocabulary of ~75 words: ln(75) = 4.3 at random; trained must not be worse
 
 
-def test_loss_only_on_answer_tokens(tmp_path):
-    _run(tmp_path / "m", 1)
-    processor = AutoProcessor.from_pretrained(tmp_path / "m")
-    data = Batches(processor, 0, 4, Style(size=32))
+def test_shared_image_loss_equals_the_plain_forward(tiny_run):
+    """Encoding each scene once and sharing it must be exactly HF's forward with repeated pixels."""
+    out, _ = tiny_run
+    model = LlavaForConditionalGeneration.from_pretrained(out).eval()
+    batch = QABatches(AutoProcessor.from_pretrained(out), 3, 2, Style(size=32))[7]
+    assert len(batch["scene_index"]) > 2
+    with torch.no_grad():
+        ours = qa_loss(model, batch)
+        theirs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                       pixel_values=batch["pixel_values"][batch["scene_index"]]).loss
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_loss_only_on_answer_tokens(tiny_run):
+    processor = AutoProcessor.from_pretrained(tiny_run[0])
+    data = QABatches(processor, 0, 4, Style(size=32))
     ids, labels = data.encode("what color is the star ?", "the star is red .")
     tok = processor.tokenizer
     supervised = [i for i, y in zip(ids, labels) if y != -100]
     assert tok.convert_ids_to_tokens(supervised) == ["the", "star", "is", "red", ".", "</s>"]
     assert ids.count(tok.convert_tokens_to_ids("<image>")) == (32 // 8) ** 2
+    batch = data[0]  # every QA of every scene, each pointing at its own image
+    n_qas = [len(make_scene(s, Style(size=32)).qas) for s in (0, 1, 2, 3)]
+    assert batch["scene_index"].tolist() == [k for k, n in enumerate(n_qas) for _ in range(n)]
+    more = QABatches(processor, 0, 4, Style(size=32), extra=("exists",))[0]  # one more exists question each
+    assert more["scene_index"].tolist() == [k for k, n in enumerate(n_qas) for _ in range(n + 1)]
+    assert torch.equal(more["pixel_values"], batch["pixel_values"])
 
 
-def test_resume_matches_uninterrupted_run(tmp_path):
-    _run(tmp_path / "full", 20)
-    _run(tmp_path / "part", 20, "--max-minutes", "1e-9")  # stops (and checkpoints) after one step
+@pytest.mark.parametrize("vision_steps", [5, 0], ids=["stopped-in-vision-stage", "stopped-in-language-stage"])
+def test_resume_matches_uninterrupted_run(tmp_path, vision_steps):
+    _run(tmp_path / "full", 12, vision_steps=vision_steps)
+    _run(tmp_path / "part", 12, "--max-minutes", "1e-9", vision_steps=vision_steps)  # stops after one step
     assert json.loads((tmp_path / "part" / "checkpoint" / "state.json").read_text())["step"] == 1
-    _run(tmp_path / "part", 20, "--resume")
-    a = load_file(str(tmp_path / "full" / "checkpoint" / "model.safetensors"))
-    b = load_file(str(tmp_path / "part" / "checkpoint" / "model.safetensors"))
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    _run(tmp_path / "part", 12, "--resume", vision_steps=vision_steps)
+    for name in ("model.safetensors", "heads.safetensors"):
+        a = load_file(str(tmp_path / "full" / "checkpoint" / name))
+        b = load_file(str(tmp_path / "part" / "checkpoint" / name))
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_language_stage_leaves_the_vision_tower_alone(tmp_path):
+    _run(tmp_path / "v", 0, vision_steps=3)
+    _run(tmp_path / "vl", 5, vision_steps=3)
+    a, b = load_file(str(tmp_path / "v" / "model.safetensors")), load_file(str(tmp_path / "vl" / "model.safetensors"))
+    tower = [k for k in a if "vision_tower" in k]
+    assert tower and all(torch.equal(a[k], b[k]) for k in tower)
+    assert any(not torch.equal(a[k], b[k]) for k in a if "language_model" in k)
+
+
+def test_patch_labels_follow_the_masks():
+    scene = next(s for s in map(make_scene, range(50)) if len(s.objects) >= 3)
+    labels = patch_labels(scene, 8)
+    shape, color, rows, cols = labels
+    for obj in scene.objects:  # the patch holding the object's centre is that object's
+        r, c = int(obj.center[1]) // 8, int(obj.center[0]) // 8
+        assert SHAPES[shape[r * 8 + c]] == obj.shape and COLOR_NAMES[color[r * 8 + c]] == obj.color
+    covered = np.zeros(64, bool)
+    for obj in scene.objects:
+        covered |= obj.mask.reshape(8, 8, 8, 8).any((1, 3)).reshape(-1)
+    assert (shape[~covered] == len(SHAPES)).all() and (color[~covered] == len(COLOR_NAMES)).all()
+    assert rows.tolist() == [i // 8 for i in range(64)] and cols.tolist() == [i % 8 for i in range(64)]
+    batch = PatchBatches(0, 3, Style(), 8)[2]
+    assert batch["pixel_values"].shape == (3, 3, 64, 64) and batch["labels"].shape == (3, 4, 64)
 
 
 def test_lr_schedule():
@@ -60,16 +118,9 @@ def test_lr_schedule():
     assert abs(lr_at(100, 100, 1.0, 10) - 0.05) < 1e-9
 
 
-def test_training_pixels_match_the_processor(tmp_path):
+def test_training_pixels_match_the_processor(tiny_run):
     """Training normalises pixels itself; it must be what the saved processor gives at inference."""
-    import numpy as np
-    from PIL import Image
-
-    from llava_lens.toy.scenes import make_scene
-    from llava_lens.toy.train import pixels
-
-    _run(tmp_path / "m", 1)
-    processor = AutoProcessor.from_pretrained(tmp_path / "m")
+    processor = AutoProcessor.from_pretrained(tiny_run[0])
     images = [make_scene(s, Style(size=32)).image for s in range(3)]
     ours = pixels(images)
     theirs = processor.image_processor([Image.fromarray(i) for i in images], return_tensors="pt")["pixel_values"]

@@ -116,12 +116,14 @@ def write_card(model_dir: str | Path, results_table: str, n_scenes: int, n_ood: 
     model_dir = Path(model_dir)
     log = json.loads((model_dir / "train_log.json").read_text())
     losses = log["losses"]
-    picks = [losses[i] for i in sorted({0, *range(0, len(losses), max(1, len(losses) // 10)), len(losses) - 1})]
-    curve = "\n".join(f"| {s} | {l:.4f} |" for s, l in picks)
+    picks = [losses[i] for i in sorted({0, *range(0, len(losses), max(1, len(losses) // 12)), len(losses) - 1})]
+    curve = "\n".join(f"| {step} | {stage} | {loss:.4f} |" for step, stage, loss in picks)
     sizes = ", ".join(f"{k}={v}" for k, v in log["sizes"].items())
-    text = CARD.format(seed=log["seed"], steps=log["steps"], batch=log["batch_size"], lr=log["lr"],
+    qa_steps = log["steps"] - log["vision_steps"]
+    text = CARD.format(seed=log["seed"], vision_steps=log["vision_steps"], vision_batch=log["vision_batch_size"],
+                       vision_lr=log["vision_lr"], qa_steps=qa_steps, batch=log["batch_size"], lr=log["lr"],
                        minutes=log["seconds"] / 60, sizes=sizes, curve=curve, table=results_table,
-                       n_scenes=n_scenes, n_ood=n_ood, base=HELD_OUT_BASE, threads=log.get("threads", "?"))
+                       n_scenes=n_scenes, n_ood=n_ood, base=HELD_OUT_BASE, threads=log["threads"])
     (model_dir / "README.md").write_text(text)
     return model_dir / "README.md"
 
@@ -135,16 +137,21 @@ ground-truth per-object masks, so attributions can be checked against the true a
 
 - Sizes: {sizes}
 - Tokenizer: word level (`llava_lens.toy.build.word_tokenizer`); prompt `USER: <image>\\n{{question}} ASSISTANT:`
-- Training: `python -m llava_lens.toy.train` -- seed {seed}, {steps} steps, batch {batch}, AdamW lr {lr}
-  (warmup + cosine), loss on the answer tokens only; training scenes use seeds below 2**50;
-  {minutes:.1f} minutes of wall-clock time on a shared 2-core CPU ({threads} torch thread(s)).
+- Training: `python -m llava_lens.toy.train` (defaults), seed {seed}, {minutes:.1f} minutes of wall-clock
+  time on a shared 2-core CPU ({threads} torch threads), in two stages:
+  1. vision tower: {vision_steps} steps of {vision_batch} images, AdamW lr {vision_lr}; linear heads on the
+     projector's input layer predict each patch's shape and colour (or background), row and column.
+     The heads are training-only and not part of this model.
+  2. projector + language model, vision tower frozen: {qa_steps} steps of {batch} scenes with all their
+     question/answer pairs, AdamW lr {lr}, loss on the answer tokens only.
+  Both stages warm up then decay on a cosine; training scenes use seeds below 2**50.
 - Answers are short sentences: "the triangle is red .", "there are three objects .",
   "yes , there is a red circle .", "the star is on the left .", "the red object is a circle .".
 
-## Training loss (running mean of the answer-token cross-entropy)
+## Training loss (running mean; vision: summed patch-label cross-entropy, language: answer tokens)
 
-| step | loss |
-|---|---|
+| step | stage | loss |
+|---|---|---|
 {curve}
 
 ## Held-out accuracy (percent, exact answer match), `python -m llava_lens.toy.evaluate`
