@@ -88,9 +88,18 @@ def image_attention(trace: Trace, layers: Optional[Sequence[int]] = None) -> tor
     return torch.stack([s.attention[sel][..., pos].float() for s in trace.steps])
 
 
-def attention_map_mean(trace: Trace, layers: Optional[Sequence[int]] = None, tile: int = 0) -> torch.Tensor:
-    """``[S, rows, cols]``: LLM attention to the patches of grid ``tile``, mean over heads and layers."""
-    per_pos = image_attention(trace, layers).mean(2).mean(1)
+def attention_map_mean(trace: Trace, layers: Optional[Sequence[int]] = None, tile: int = 0,
+                       heads: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """``[S, rows, cols]``: LLM attention to the patches of grid ``tile``, mean over heads and layers.
+
+    ``heads`` restricts the mean to those heads (of every selected layer): on the embedded model one
+    head (``layers=[2], heads=[2]``) carries the image to the answer and points far better than the
+    mean over all heads (docs/grounding.md).
+    """
+    att = image_attention(trace, layers)
+    if heads is not None:
+        att = att[:, :, list(heads)]
+    per_pos = att.mean(2).mean(1)
     return trace.vision_span.to_grid(per_pos, tile)
 
 

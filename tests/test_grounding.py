@@ -51,6 +51,10 @@ def test_attention_maps_match_hand(traces):
     att = trace.steps[s].attention
     assert mean_map[s, r, c] == pytest.approx(float(att[:, :, pos].mean()), abs=1e-6)
     assert max_map[s, r, c] == pytest.approx(float(att[1, :, pos].max()), abs=1e-6)
+    one_head = g.attention_map_mean(trace, layers=[1], heads=[0])
+    assert one_head[s, r, c] == pytest.approx(float(att[1, 0, pos]), abs=1e-6)
+    two_heads = g.attention_map_mean(trace, heads=[0, 1])
+    assert two_heads[s, r, c] == pytest.approx(float(att[:, :2, pos].mean()), abs=1e-6)
 
 
 def test_vlm_visualizer_and_rollout_match_hand(traces):
