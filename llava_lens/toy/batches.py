@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from llava_lens.toy.scenes import COLORS, SHAPES, Scene, Style, make_qas, make_scene
 
-MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
-STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+MEAN = np.array(OPENAI_CLIP_MEAN, dtype=np.float32)
+STD = np.array(OPENAI_CLIP_STD, dtype=np.float32)
 COLOR_NAMES = tuple(COLORS)
 # A patch belongs to the object covering most of it, if that object covers at least this share.
 MIN_COVER = 0.15

@@ -26,6 +26,7 @@ from transformers import (
     LlavaProcessor,
     PreTrainedTokenizerFast,
 )
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<image>")
 
@@ -133,7 +134,7 @@ def build_llava(
     vision = _vision_config(image_size, patch_size, vision_width, vision_layers, vision_heads)
     text = _text_config(len(tokenizer), d_model, n_layers, n_heads, n_kv_heads)
     torch.manual_seed(seed)
-    mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+    mean, std = list(OPENAI_CLIP_MEAN), list(OPENAI_CLIP_STD)
     if family == "llava":
         config = LlavaConfig(
             vision_config=vision, text_config=text, image_token_id=image_token_id,

@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,7 +52,7 @@ def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
 
 
 class PatchHeads(torch.nn.Module):
-    """Training-only linear read-outs of patch features: shape, colour, row, column (each + logits)."""
+    """Training-only linear read-outs of patch features: shape, colour (each + background), row, column."""
 
     def __init__(self, width: int, grid: int):
         super().__init__()
@@ -95,7 +96,7 @@ class Stage:
     lr: float
     warmup: int
     data: torch.utils.data.Dataset
-    loss: callable
+    loss: Callable[[dict[str, torch.Tensor]], torch.Tensor]
 
 
 def stages(model, heads: PatchHeads, processor, args: argparse.Namespace, style: Style) -> list[Stage]:
