@@ -24,7 +24,8 @@ from llava_lens.grounding import (
 )
 from llava_lens.inputs import build_prompt, load_image
 from llava_lens.lens import LogitLens, logit_lens, patch_words
-from llava_lens.model import LlavaLens, load
+from llava_lens.loading import load
+from llava_lens.model import LlavaLens
 from llava_lens.trace import Step, Trace
 
 __all__ = [

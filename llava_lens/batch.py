@@ -154,7 +154,7 @@ def build_trace(lens: Any, item: Prepared, steps: list[Step], stop: str,
         steps=steps, vision_span=item.span, prompt_ids=ids.cpu(),
         prompt_tokens=lens.tokenizer.convert_ids_to_tokens(ids.tolist()), question=item.question,
         prompt=inputs.prompt, text=lens.tokenizer.decode([s.token_id for s in steps], skip_special_tokens=True),
-        image=inputs.image, model_name=lens.name, config=lens.describe(), stop_reason=stop,
+        image=inputs.image, model_name=lens.name, info=lens.info(), stop_reason=stop,
         prefill=prefill or {},
     )
 

@@ -23,6 +23,7 @@ from typing import Optional
 
 import torch
 
+from llava_lens import hooks
 from llava_lens.families import VisionSpan
 from llava_lens.trace import Trace
 
@@ -56,7 +57,7 @@ def _check_attention(trace: Trace) -> None:
 
 
 def _layers(trace: Trace, layers: Optional[Sequence[int]]) -> list[int]:
-    n = trace.config["n_layers"]
+    n = trace.info.n_layers
     return list(range(n)) if layers is None else [layer % n for layer in layers]
 
 
@@ -109,24 +110,14 @@ def attention_map_max(trace: Trace, layers: Optional[Sequence[int]] = None, tile
     return trace.vision_span.to_grid(per_pos, tile)
 
 
-def vit_layers_used(config: dict) -> list[int]:
-    """ViT layers whose output feeds the projector (``vision_feature_layer``, CLIP-style indexing)."""
-    n = config["vision_layers"]
-    feature_layers = config["vision_feature_layer"]
-    if not isinstance(feature_layers, (list, tuple)):
-        feature_layers = [feature_layers]
-    last = max(f if f >= 0 else n + 1 + f for f in feature_layers)
-    return list(range(last))  # hidden_states[k] is the output of layer k - 1
-
-
 def vit_attention(trace: Trace) -> torch.Tensor:
     """``[V, heads, T, T]``: base-tile ViT attention of the layers feeding the projector.
 
     ``T = 1 + patches`` (token 0 is CLS). Needs ``prefill_cache=True``.
     """
     mats = []
-    for layer in vit_layers_used(trace.config):
-        name = f"vision_encoder.encoder_layers.{layer}.attn.hook_pattern"
+    for layer in trace.info.vit_layers_used:
+        name = hooks.vit_pattern(layer)
         if name not in trace.prefill:
             raise ValueError(f"{name} not in trace.prefill (trace with prefill_cache=True)")
         pat = trace.prefill[name].float()

@@ -164,8 +164,8 @@ def logit_lens(trace: Trace, lens: Any, k: int = 5, prompt: bool = True, chunk: 
     """
     if not trace.steps or trace.steps[0].resid is None:
         raise ValueError("logit_lens needs a trace with residuals (trace with default_capture=True)")
-    bridge, n_layers = lens.bridge, trace.config["n_layers"]
-    k = min(k, trace.config["d_vocab"])
+    bridge, n_layers = lens.bridge, trace.info.n_layers
+    k = min(k, trace.info.d_vocab)
     top_ids, top_probs, target, t_probs, t_ranks, labels = _lens_steps(trace, bridge, k, chunk)
     if prompt:
         p_ids, p_probs = _lens_prompt(trace, bridge, n_layers, k, chunk)

@@ -1,72 +1,18 @@
-"""Load a LLaVA model into a TransformerLens bridge: :func:`load` and :class:`LlavaLens`."""
+"""A LLaVA model in a TransformerLens bridge: :class:`LlavaLens` (made by :func:`llava_lens.load`)."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator, Sequence
-from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import torch
 from transformer_lens.model_bridge import TransformerBridge
-from transformer_lens.utilities.multi_gpu import resolve_device_map
-from transformers import AutoConfig, AutoProcessor
 
 from llava_lens.batch import Prepared, trace_one, trace_prepared
-from llava_lens.errors import UnsupportedModelError
-from llava_lens.families import Family, VisionSpan, family_for
+from llava_lens.families import Family, VisionSpan
 from llava_lens.inputs import ImageLike, ModelInputs, prepare
-from llava_lens.trace import Step, Trace
+from llava_lens.trace import ModelInfo, Step, Trace
 from llava_lens.tracer import NamesFilter, Sampling, generate_steps
-
-EMBEDDED_MODELS = {"shapes-tiny": Path(__file__).parent / "toy" / "shapes-tiny"}
-DEFAULT_MODEL = "shapes-tiny"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def default_device_dtype(device: Optional[str], dtype: Optional[torch.dtype]) -> tuple[str, torch.dtype]:
-    """CUDA + bf16 when a GPU is present, else CPU + fp32; explicit arguments win."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if dtype is None:
-        dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    return device, dtype
-
-
-def _resolve_source(path_or_id: Optional[str]) -> str:
-    name = path_or_id or DEFAULT_MODEL
-    if name in EMBEDDED_MODELS:
-        path = EMBEDDED_MODELS[name]
-        if not (path / "config.json").is_file():
-            raise UnsupportedModelError(f"the embedded model {name!r} is not installed at {path}")
-        return str(path)
-    path = Path(name).expanduser()
-    if path.exists():
-        if not path.is_dir() or not (path / "config.json").is_file():
-            raise UnsupportedModelError(f"{path} is not a model directory (no config.json)")
-        return str(path)
-    if _HUB_ID.match(name) and not name.startswith((".", "/", "~")):
-        return name  # a hub id: transformers downloads (or reads its cache)
-    raise UnsupportedModelError(f"model not found: {name!r} is neither a directory nor a hub id (org/name)")
-
-
-def _load_config(source: str) -> Any:
-    try:
-        return AutoConfig.from_pretrained(source)
-    except (OSError, ValueError) as err:
-        raise UnsupportedModelError(f"cannot load the config of {source!r}: {str(err).splitlines()[0]}") from None
-
-
-def _load_processor(source: str) -> Any:
-    try:
-        processor = AutoProcessor.from_pretrained(source)
-    except (OSError, ValueError, TypeError, KeyError) as err:
-        raise UnsupportedModelError(
-            f"cannot load the processor/tokenizer of {source!r}: {str(err).splitlines()[0]}") from None
-    if not hasattr(processor, "tokenizer") or not hasattr(processor, "image_processor"):
-        raise UnsupportedModelError(
-            f"{source!r} has no LLaVA processor (image processor + tokenizer files); "
-            "save one with processor.save_pretrained(dir)")
-    return processor
 
 
 def _sampling(options: dict[str, Any]) -> Sampling:
@@ -76,37 +22,6 @@ def _sampling(options: dict[str, Any]) -> Sampling:
         options["top_k"] = options.pop("sample_top_k")
     return Sampling(**options)
 
-
-def load(path_or_id: Optional[str] = None, device: Optional[str] = None,
-         dtype: Optional[torch.dtype] = None, **boot_kwargs: Any) -> LlavaLens:
-    """Load a LLaVA-1.5 or LLaVA-NeXT model and its processor into a TransformerLens bridge.
-
-    ``path_or_id`` is a local model directory, a Hugging Face hub id (e.g.
-    ``"llava-hf/llava-1.5-7b-hf"``) or an embedded model name; ``None`` loads the embedded
-    ``shapes-tiny`` model. ``device``/``dtype`` default to CUDA + bf16 when available, else CPU +
-    fp32. ``device_map`` (e.g. ``"auto"``) or ``n_devices=K`` shard a model too large for one GPU
-    (HF dispatches it at load time); other keyword arguments go to
-    ``TransformerBridge.boot_transformers``.
-    """
-    source = _resolve_source(path_or_id)
-    config = _load_config(source)
-    family = family_for(config)
-    processor = _load_processor(source)
-    device_map = boot_kwargs.pop("device_map", None)
-    n_devices = boot_kwargs.pop("n_devices", None)
-    if device_map is not None or (n_devices or 1) > 1:
-        # A model sharded over devices is dispatched by HF at load time; the bridge then wraps it
-        # as it is (it refuses device_map together with a pre-loaded hf_model).
-        device_map, max_memory = resolve_device_map(n_devices, device_map, None, boot_kwargs.pop("max_memory", None))
-        dtype = dtype or (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
-        hf_model = family.hf_class.from_pretrained(source, dtype=dtype, device_map=device_map, max_memory=max_memory)
-    else:
-        device, dtype = default_device_dtype(device, dtype)
-        hf_model = family.hf_class.from_pretrained(source, dtype=dtype).to(device)
-        boot_kwargs["device"] = device
-    bridge = TransformerBridge.boot_transformers(
-        source, hf_model=hf_model.eval(), dtype=dtype, tokenizer=processor.tokenizer, **boot_kwargs)
-    return LlavaLens(bridge, processor, family, name=path_or_id or DEFAULT_MODEL)
 
 
 class LlavaLens:
@@ -214,14 +129,15 @@ class LlavaLens:
         return trace_prepared(self, prepared, max_new_tokens=max_new_tokens, sampling=_sampling(sampling),
                               stop_strings=stop_strings, dtype=dtype, top_k=top_k, keep_logits=keep_logits)
 
-    def describe(self) -> dict[str, Any]:
-        """Sizes and names the views need, stored in each :class:`Trace`."""
+    def info(self) -> ModelInfo:
+        """Sizes and names the views need, stored in each :class:`Trace` as ``trace.info``."""
         vision = self.config.vision_config
-        return {
-            "family": self.family.name, "n_layers": self.n_layers, "n_heads": self.n_heads,
-            "d_model": self.d_model, "d_vocab": self.d_vocab,
-            "vision_layers": vision.num_hidden_layers, "vision_heads": vision.num_attention_heads,
-            "vision_image_size": vision.image_size, "vision_patch_size": vision.patch_size,
-            "vision_feature_layer": self.config.vision_feature_layer,
-            "vision_feature_select_strategy": self.config.vision_feature_select_strategy,
-        }
+        return ModelInfo(
+            family=self.family.name, n_layers=self.n_layers, n_heads=self.n_heads,
+            d_model=self.d_model, d_vocab=self.d_vocab,
+            vision_layers=vision.num_hidden_layers, vision_heads=vision.num_attention_heads,
+            vision_image_size=vision.image_size, vision_patch_size=vision.patch_size,
+            vision_feature_layer=self.config.vision_feature_layer,
+            vision_feature_select_strategy=self.config.vision_feature_select_strategy,
+            n_ctx=getattr(self.config.text_config, "max_position_embeddings", 0) or 0,
+        )

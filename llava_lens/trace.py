@@ -8,7 +8,7 @@ functions of it. It saves to a directory as ``trace.safetensors`` + ``trace.json
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
@@ -19,7 +19,47 @@ from safetensors.torch import load_file, save_file
 from llava_lens.errors import LlavaLensError
 from llava_lens.families import VisionSpan
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1 stored ModelInfo's fields as a ``config`` dict
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What views and analyses need to know about the model a trace came from (read from its config)."""
+
+    family: str
+    n_layers: int
+    n_heads: int
+    d_model: int
+    d_vocab: int
+    """Output ids of the unembedding (may exceed the tokenizer's entries, e.g. 32064 vs 32002)."""
+    vision_layers: int
+    vision_heads: int
+    vision_image_size: int
+    vision_patch_size: int
+    vision_feature_layer: Any
+    """An int or a list of ints: ViT ``hidden_states`` index(es) the projector reads (CLIP-style)."""
+    vision_feature_select_strategy: str
+    n_ctx: int = 0
+    """Maximum sequence length (``max_position_embeddings``); 0 when unknown."""
+
+    @property
+    def vit_layers_used(self) -> list[int]:
+        """ViT layers whose output feeds the projector: ``hidden_states[k]`` is layer ``k - 1``'s output."""
+        layers = self.vision_feature_layer
+        layers = layers if isinstance(layers, (list, tuple)) else [layers]
+        last = max(f if f >= 0 else self.vision_layers + 1 + f for f in layers)
+        return list(range(last))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able fields."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelInfo:
+        """Inverse of :meth:`to_dict` (unknown keys, e.g. from later versions, are ignored)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 @dataclass
@@ -94,8 +134,8 @@ class Trace:
     """The generated answer, decoded."""
     image: Image.Image
     model_name: str
-    config: dict[str, Any]
-    """Sizes the views need: ``n_layers``, ``n_heads``, ``d_model``, ``d_vocab``, family..."""
+    info: ModelInfo
+    """Sizes and names of the model (layers, heads, vocabulary, vision encoder...)."""
     stop_reason: str = "max_new_tokens"
     """Why generation stopped: ``"eos"``, ``"stop_string"`` or ``"max_new_tokens"``."""
     prefill: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -131,7 +171,7 @@ class Trace:
         save_file(tensors, out / "trace.safetensors")
         meta = {
             "format_version": FORMAT_VERSION, "question": self.question, "prompt": self.prompt,
-            "text": self.text, "model_name": self.model_name, "config": self.config,
+            "text": self.text, "model_name": self.model_name, "info": self.info.to_dict(),
             "stop_reason": self.stop_reason, "prompt_tokens": self.prompt_tokens,
             "vision_span": self.vision_span.to_dict(), "aliases": aliases,
             "steps": [{"index": s.index, "token_id": s.token_id, "token": s.token, "position": s.position}
@@ -148,8 +188,9 @@ class Trace:
         if not (d / "trace.json").is_file() or not (d / "trace.safetensors").is_file():
             raise LlavaLensError(f"no saved trace in {d} (expected trace.json and trace.safetensors)")
         meta = json.loads((d / "trace.json").read_text())
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise LlavaLensError(f"trace in {d} has format {meta.get('format_version')}, expected {FORMAT_VERSION}")
+        if meta.get("format_version") not in READABLE_VERSIONS:
+            raise LlavaLensError(f"trace in {d} has format {meta.get('format_version')}, "
+                                 f"this llava-lens reads {READABLE_VERSIONS}")
         tensors = load_file(d / "trace.safetensors")
         tensors.update({alias: tensors[key] for alias, key in meta.get("aliases", {}).items()})
         steps = [Step.from_tensors(m, tensors, f"steps.{m['index']}.") for m in meta["steps"]]
@@ -160,7 +201,8 @@ class Trace:
             steps=steps, vision_span=VisionSpan.from_dict(meta["vision_span"]),
             prompt_ids=tensors["prompt_ids"], prompt_tokens=meta["prompt_tokens"],
             question=meta["question"], prompt=meta["prompt"], text=meta["text"], image=image,
-            model_name=meta["model_name"], config=meta["config"], stop_reason=meta["stop_reason"],
+            model_name=meta["model_name"], info=ModelInfo.from_dict(meta.get("info") or meta["config"]),
+            stop_reason=meta["stop_reason"],
             prefill=prefill,
         )
 

@@ -59,7 +59,7 @@ def test_masked_images_and_patch_chance(prefill_trace):
 def _trace_with_planted_sink(trace, index: int, scale: float = 50.0):
     prefill = dict(trace.prefill)
     pos = int(trace.vision_span.positions[index])
-    for layer in range(1, trace.config["n_layers"]):
+    for layer in range(1, trace.info.n_layers):
         name = f"blocks.{layer}.hook_resid_pre"
         resid = prefill[name].clone()
         resid[pos] *= scale
@@ -97,7 +97,7 @@ def test_entropy_of_uniform_row_is_log_n():
 
 def test_image_attention_entropy_shape_and_range(prefill_trace):
     ent = image_attention_entropy(prefill_trace, normalized=True)
-    assert ent.shape == (len(prefill_trace.steps), prefill_trace.config["n_layers"])
+    assert ent.shape == (len(prefill_trace.steps), prefill_trace.info.n_layers)
     assert (ent >= 0).all() and (ent <= 1 + 1e-5).all()
 
 

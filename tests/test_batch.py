@@ -15,10 +15,10 @@ def _assert_same_trace(batched, single):
     assert batched.stop_reason == single.stop_reason
     assert torch.equal(batched.prompt_ids, single.prompt_ids) and batched.prompt_tokens == single.prompt_tokens
     assert torch.equal(batched.vision_span.positions, single.vision_span.positions)
-    assert batched.prompt == single.prompt and batched.config == single.config
+    assert batched.prompt == single.prompt and batched.info == single.info
     for b, s in zip(batched.steps, single.steps):
         assert (b.index, b.position, b.token) == (s.index, s.position, s.token)
-        assert b.attention.shape == s.attention.shape == (single.config["n_layers"], single.config["n_heads"],
+        assert b.attention.shape == s.attention.shape == (single.info.n_layers, single.info.n_heads,
                                                            len(single.prompt_ids) + s.index)
         torch.testing.assert_close(b.attention, s.attention, atol=1e-5, rtol=0)
         torch.testing.assert_close(b.resid, s.resid, atol=1e-5, rtol=0)

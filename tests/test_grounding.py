@@ -27,7 +27,7 @@ def traces(tmp_path_factory):
 def test_vision_share_sums_to_one_and_matches_hand(traces, family):
     trace = traces[family]
     share = g.vision_share(trace)
-    n_layers, n_heads = trace.config["n_layers"], trace.config["n_heads"]
+    n_layers, n_heads = trace.info.n_layers, trace.info.n_heads
     assert share.shares.shape == (len(trace.steps), n_layers, n_heads, 3)
     torch.testing.assert_close(share.shares.sum(-1), torch.ones(share.shares.shape[:-1]), atol=1e-5, rtol=0)
     torch.testing.assert_close(share.mean.sum(-1), torch.ones(len(trace.steps)), atol=1e-5, rtol=0)
@@ -61,7 +61,7 @@ def test_vlm_visualizer_and_rollout_match_hand(traces):
     trace = traces["llava"]
     rows, cols = trace.vision_span.grids[0]
     vit = trace.prefill["vision_encoder.encoder_layers.0.attn.hook_pattern"].float()  # only layer 0 feeds (-2)
-    assert g.vit_layers_used(trace.config) == [0]
+    assert trace.info.vit_layers_used == [0]
     # VLM-Visualizer: per-patch ViT map (CLS dropped, rows renormalised) weighted by LLM attention
     v = vit.mean(0)[1:, 1:]
     v = v / v.sum(-1, keepdim=True)

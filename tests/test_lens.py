@@ -35,7 +35,7 @@ def _hand_logprobs(path: Path, resid: torch.Tensor) -> torch.Tensor:
 def test_shapes_and_hand_computation(setup):
     path, lens, trace = setup
     res = logit_lens(trace, lens, k=3)
-    n_layers, n_steps = trace.config["n_layers"], len(trace.steps)
+    n_layers, n_steps = trace.info.n_layers, len(trace.steps)
     n_prompt = len(trace.prompt_tokens)
     assert res.top_ids.shape == (n_layers + 1, n_steps, 3)
     assert res.target_probs.shape == (n_layers + 1, n_steps)
@@ -59,7 +59,7 @@ def test_shapes_and_hand_computation(setup):
 def test_prompt_positions_match_hand(setup):
     path, lens, trace = setup
     res = logit_lens(trace, lens, k=2, chunk=7)  # odd chunk: exercises chunking
-    n = trace.config["n_layers"]
+    n = trace.info.n_layers
     resid = torch.stack([trace.prefill[f"blocks.{i}.hook_resid_pre"] for i in range(n)]
                         + [trace.prefill[f"blocks.{n - 1}.hook_resid_post"]])
     hand = _hand_logprobs(path, resid)

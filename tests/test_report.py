@@ -117,7 +117,7 @@ def test_default_layers_are_thinned_for_deep_models(tmp_path):
 
     from llava_lens.views.report import MAX_LAYERS, _report_layers
 
-    deep = SimpleNamespace(config={"n_layers": 32})
+    deep = SimpleNamespace(info=SimpleNamespace(n_layers=32))
     picked = _report_layers(deep, tmp_path, None)
     assert len(picked) == MAX_LAYERS and picked[0] == 0 and picked[-1] == 31
     assert _report_layers(deep, tmp_path, [-1, 3]) == [3, 31]  # named layers are kept as asked

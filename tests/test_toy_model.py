@@ -5,7 +5,7 @@ import re
 import pytest
 
 import llava_lens as ll
-from llava_lens.model import EMBEDDED_MODELS
+from llava_lens.loading import EMBEDDED_MODELS
 from llava_lens.toy.evaluate import HELD_OUT_BASE
 from llava_lens.toy.scenes import QTYPES, make_scene
 

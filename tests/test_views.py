@@ -94,7 +94,7 @@ def test_attention_matrix_and_window(setup):
     trace, _ = setup
     prompt_len, n = len(trace.prompt_ids), len(trace.steps)
     mat = vhtml.attention_matrix(trace, 1)
-    assert mat.shape == (trace.config["n_heads"], prompt_len + n - 1, prompt_len + n - 1)
+    assert mat.shape == (trace.info.n_heads, prompt_len + n - 1, prompt_len + n - 1)
     for step in trace.steps:
         keys = step.attention.shape[-1]
         torch.testing.assert_close(mat[:, step.position, :keys], step.attention[1].float())

@@ -254,7 +254,7 @@ def score_example(lens: Any, trace: Any, image: np.ndarray, qa: Any, step: int, 
     rows = []
     for name, fn in maps.items():
         for label, spec in layer_ranges.items():
-            grid = fn(trace, resolve_layers(spec, trace.config["n_layers"]))[step]
+            grid = fn(trace, resolve_layers(spec, trace.info.n_layers))[step]
             heat = paint_grid(grid, span, size=tuple(mask.shape))
             row = dict(base, method=name, layers=label, pointing=pointing_hit(heat, mask),
                        energy=energy_in_mask(heat, mask), deletion_auc=np.nan, insertion_auc=np.nan)

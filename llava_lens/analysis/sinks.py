@@ -44,7 +44,7 @@ def find_sinks(trace: Trace, k: float = 3.0, layers: Optional[Sequence[int]] = N
     Reads ``trace.prefill["blocks.{l}.hook_resid_pre"]`` (trace with ``prefill_cache=True``);
     ``layers`` defaults to every layer but the first (the embeddings).
     """
-    n_layers = trace.config["n_layers"]
+    n_layers = trace.info.n_layers
     pos = trace.vision_span.positions
     names = [f"blocks.{layer}.hook_resid_pre" for layer in range(n_layers)]
     if any(name not in trace.prefill for name in names):

@@ -60,7 +60,7 @@ def attention_matrix(trace: Trace, layer: int) -> torch.Tensor:
     """
     prompt_len = len(trace.prompt_ids)
     n_t = prompt_len + len(trace.steps) - 1
-    n_heads = trace.config["n_heads"]
+    n_heads = trace.info.n_heads
     mat = torch.zeros(n_heads, n_t, n_t)
     pre = trace.prefill.get(f"blocks.{layer}.attn.hook_pattern")
     if pre is not None:
@@ -130,7 +130,7 @@ def write_attention_html(trace: Trace, out_dir: str | Path, layers: Optional[Seq
     out.mkdir(parents=True, exist_ok=True)
     if not inline:
         (out / JS_NAME).write_text(circuitsvis_js(), encoding="utf-8")
-    n_layers = trace.config["n_layers"]
+    n_layers = trace.info.n_layers
     paths = []
     for layer in (range(n_layers) if layers is None else [x % n_layers for x in layers]):
         body = layer_views(trace, layer, last=last, window=window, heads=heads)

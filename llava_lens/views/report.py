@@ -104,7 +104,7 @@ def _report_layers(trace: Trace, run: Path, layers: Optional[Sequence[int]]) -> 
     The default is thinned out evenly to ``MAX_LAYERS`` (last layer kept), so that a 32-layer
     model's report stays a few MB.
     """
-    n = trace.config["n_layers"]
+    n = trace.info.n_layers
     if layers is not None:
         return sorted({layer % n for layer in layers})
     pages = sorted(run.glob("attention/layer_*.html"))
