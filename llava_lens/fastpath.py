@@ -1,82 +1,97 @@
-"""Fast forward passes for tracing: HF's own modules and sdpa, capturing only what a Step needs.
-
-What a step needs is the attention row of the last query and the residual stream at it (for
-every element of a batch: :mod:`llava_lens.batch` steps several examples at once).
+"""Fast forward passes: HF's own modules and sdpa, computing only the attention rows a trace keeps.
 
 Booting the bridge replaces every submodule of the HF model by a TransformerLens component that
-re-implements attention eagerly and routes each intermediate through a hook point. That is what
-makes every hook available, and it costs (measured in ``benchmarks/bench_trace.py``) most of the
-time of a generation step. When a trace asks only for the default capture (attention rows and
-residual stream) and nobody has hooks on the bridge, this module instead
+re-implements attention eagerly and routes each intermediate through a hook point. That makes
+every hook available and costs most of a generation step (``benchmarks/bench_trace.py``). When a
+trace asks only for the default capture and nobody has hooks on the bridge, this module instead
 
-* puts the original HF modules back in place for the duration of one forward pass,
-* runs attention with sdpa through a registered HF attention function that also computes
-  ``softmax(q_last · Kᵀ · scale)`` for the last query from the keys it was given (the new key
-  already appended to the KV cache), i.e. one row per layer instead of a full eager matrix,
+* puts the original HF modules back in place for the duration of one forward pass (under the
+  lens's lock, so two threads never see half-swapped modules),
+* runs attention with sdpa through registered HF attention functions that also compute, from the
+  keys they were given, the last query's softmax row (``[B, H, K]`` per layer instead of an eager
+  ``[B, H, T, T]``), the summary's text-query rows, and the vision encoder's head-mean attention,
 * reads the residual stream with plain forward pre-hooks on the decoder layers.
 
-The tests check it against the bridge path and against a no-cache ``run_with_cache`` recompute.
+What the attention functions record goes to a :class:`Sink` held in a context variable for the
+duration of one forward, so concurrent traces (threads, nested calls) never share it. The tests
+check this path against the bridge path and a no-cache ``run_with_cache`` recompute.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-ROW_ATTENTION = "llava_lens_sdpa_row"
+from llava_lens.forward import ForwardOut, Request, attention_rows
+
+LM_ATTENTION = "llava_lens_sdpa_rows"
+VIT_ATTENTION = "llava_lens_sdpa_vit"
 # Text towers whose attention goes through HF's attention interface with standard q/k layout.
 SUPPORTED_TEXT_MODELS = ("llama", "mistral", "qwen2")
 
-_sink: Optional[dict[int, torch.Tensor]] = None  # where the attention function leaves its rows
+
+@dataclass
+class Sink:
+    """Where the attention functions of one forward leave what they computed."""
+
+    request: Request
+    vit_index: dict[int, int]
+    rows: dict[int, torch.Tensor] = field(default_factory=dict)
+    text_rows: dict[int, torch.Tensor] = field(default_factory=dict)
+    vit_mean: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
-def _sdpa_with_last_row(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
-                        value: torch.Tensor, attention_mask: Optional[torch.Tensor],
-                        scaling: Optional[float] = None, **kwargs: Any):
-    """Sdpa attention that also records each batch element's last-query attention row in ``_sink``.
+_SINK: contextvars.ContextVar[Optional[Sink]] = contextvars.ContextVar("llava_lens_sink", default=None)
 
-    Rows are ``[batch, heads, keys]``; each element's own mask row is applied, so left-pad keys of
-    a padded batch get zero weight.
-    """
+
+def _lm_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: Optional[torch.Tensor], scaling: Optional[float] = None, **kwargs: Any):
+    """Sdpa attention that also records the rows the current :class:`Sink` asks for."""
     out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
-    if _sink is not None:
-        keys = repeat_kv(key, query.shape[1] // key.shape[1])  # [batch, heads, keys, d_head]
-        q = query[:, :, -1:].float()                           # [batch, heads, 1, d_head]
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        scores = (q @ keys.float().transpose(-1, -2))[:, :, 0] * scale  # [batch, heads, keys]
-        if attention_mask is not None:  # sliding windows, padding: apply the last query's mask row
-            row = attention_mask[:, :, -1, : keys.shape[2]]  # [batch, 1 or heads, keys]
-            scores = scores.masked_fill(~row, float("-inf")) if row.dtype == torch.bool else scores + row
-        _sink[module.layer_idx] = scores.softmax(-1)
+    sink = _SINK.get()
+    if sink is not None:
+        layer = module.layer_idx
+        if sink.request.default:
+            sink.rows[layer] = attention_rows(query, key, attention_mask, scaling)[:, :, 0]
+        spec = sink.request.summary
+        if spec is not None and layer in spec.layers:
+            sink.text_rows[layer] = attention_rows(query, key, attention_mask, scaling, spec.queries)
     return out, None
 
 
-AttentionInterface.register(ROW_ATTENTION, _sdpa_with_last_row)
-ALL_MASK_ATTENTION_FUNCTIONS.register(ROW_ATTENTION, sdpa_mask)
+def _vit_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   attention_mask: Optional[torch.Tensor], scaling: Optional[float] = None, **kwargs: Any):
+    """Sdpa attention of the vision encoder that also records its head-mean pattern when asked."""
+    out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    sink = _SINK.get()
+    if sink is not None and sink.request.summary is not None:
+        layer = sink.vit_index.get(id(module))
+        if layer in sink.request.summary.vit_layers:
+            scores = (query.float() @ key.float().transpose(-1, -2)) * (scaling or query.shape[-1] ** -0.5)
+            if attention_mask is not None:
+                scores = scores + attention_mask
+            sink.vit_mean[layer] = scores.softmax(-1).mean(1)  # [images, P, P]
+    return out, None
+
+
+AttentionInterface.register(LM_ATTENTION, _lm_attention)
+AttentionInterface.register(VIT_ATTENTION, _vit_attention)
+ALL_MASK_ATTENTION_FUNCTIONS.register(LM_ATTENTION, sdpa_mask)
+ALL_MASK_ATTENTION_FUNCTIONS.register(VIT_ATTENTION, sdpa_mask)
 
 
 def supported(lens: Any) -> bool:
     """Whether this model's text tower can run on the fast path."""
     return getattr(lens.config.text_config, "model_type", "") in SUPPORTED_TEXT_MODELS
-
-
-def for_lens(lens: Any) -> FastForward:
-    """The :class:`FastForward` of ``lens``, built once and kept on it.
-
-    Building it walks every module of the model and every hook point of the bridge: too much to
-    redo for each trace (and twice for a batched one).
-    """
-    forward = getattr(lens, "_fast_forward", None)
-    if forward is None:
-        forward = lens._fast_forward = FastForward(lens)
-    return forward
 
 
 def _swaps(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str, GeneralizedComponent]]:
@@ -91,86 +106,108 @@ def _swaps(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str, Generaliz
     return found
 
 
+def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    return module.original_component if isinstance(module, GeneralizedComponent) else module
+
+
+def _vit_attention_modules(model: torch.nn.Module) -> dict[int, int]:
+    """``id(attention module) -> layer`` for the vision encoder (its attention knows no layer index)."""
+    encoder = _unwrap(model.model.vision_tower)
+    layers = getattr(getattr(encoder, "vision_model", encoder), "encoder", None)
+    layers = getattr(layers, "layers", [])
+    return {id(_unwrap(_unwrap(layer).self_attn)): i for i, layer in enumerate(layers)}
+
+
 class FastForward:
-    """Runs the wrapped HF model un-bridged for one forward at a time, capturing what a Step needs."""
+    """Runs the wrapped HF model un-bridged, one forward at a time, recording what a Request asks."""
 
     def __init__(self, lens: Any):
         self.model = lens.hf_model
-        # unique hook points, gathered once: `bridge.hook_dict` rebuilds a dict of ~20 entries
-        # per layer on every access, too slow to consult on every step
+        self.lock = lens.forward_lock
+        # unique hook points, gathered once: `bridge.hook_dict` rebuilds a dict of ~20 entries per
+        # layer on every access, too slow to consult on every step
         self.hook_points = list({id(hp): hp for hp in lens.bridge.hook_dict.values()}.values())
         self.swaps = _swaps(self.model)
-        text_model = self.model.model.language_model
-        self.layers = list(text_model.layers)
-        # the text tower's layers, as HF modules (the bridge may have wrapped them)
-        self.layers = [layer.original_component if isinstance(layer, GeneralizedComponent) else layer
-                       for layer in self.layers]
-        self.text_config = self.model.config.text_config
-        self.vision_config = self.model.config.vision_config
+        self.layers = [_unwrap(layer) for layer in self.model.model.language_model.layers]
+        self.configs = (self.model.config.text_config, self.model.config.vision_config)
+        self.vit_index = _vit_attention_modules(self.model)
+        self._depth = 0
 
     def bridge_has_hooks(self) -> bool:
         """True when any TransformerLens forward hook is attached: then every hook point must fire.
 
-        (Backward hooks cannot fire under the tracer's ``inference_mode``.)
+        (Backward hooks cannot fire under the engine's ``inference_mode``.)
         """
         return any(hp.fwd_hooks for hp in self.hook_points)
 
     @contextlib.contextmanager
     def _unbridged(self) -> Iterator[None]:
-        global _sink
-        saved = (self.text_config._attn_implementation, self.vision_config._attn_implementation)
-        for parent, name, comp in self.swaps:
-            parent._modules[name] = comp.original_component
-        self.text_config._attn_implementation = ROW_ATTENTION
-        self.vision_config._attn_implementation = "sdpa"
-        _sink = {}
-        try:
-            yield
-        finally:
-            _sink = None
-            self.text_config._attn_implementation, self.vision_config._attn_implementation = saved
+        with self.lock:
+            self._depth += 1
+            if self._depth > 1:  # a nested forward (e.g. from a hook) runs inside the outer swap
+                try:
+                    yield
+                finally:
+                    self._depth -= 1
+                return
+            text, vision = self.configs
+            saved = (text._attn_implementation, vision._attn_implementation)
             for parent, name, comp in self.swaps:
-                parent._modules[name] = comp
+                parent._modules[name] = comp.original_component
+            text._attn_implementation, vision._attn_implementation = LM_ATTENTION, VIT_ATTENTION
+            try:
+                yield
+            finally:
+                text._attn_implementation, vision._attn_implementation = saved
+                for parent, name, comp in self.swaps:
+                    parent._modules[name] = comp
+                self._depth -= 1
 
-    def __call__(self, **model_kwargs: Any) -> tuple[torch.Tensor, Any, dict[str, torch.Tensor]]:
-        """One HF forward of a single example; returns (last logits ``[d_vocab]``, KV cache, captures).
-
-        Captured: ``attention [n_layers, n_heads, n_keys]`` and ``resid [n_layers + 1, d_model]``
-        of the last position.
-        """
-        logits, past, captured = self.batched(**model_kwargs)
-        return logits[0], past, {k: v[0] for k, v in captured.items()}
-
-    def batched(self, **model_kwargs: Any) -> tuple[torch.Tensor, Any, dict[str, torch.Tensor]]:
-        """One HF forward of a batch; returns (last logits ``[batch, d_vocab]``, KV cache, captures).
-
-        Captured, per batch element: ``attention [batch, n_layers, n_heads, n_keys]`` (over all
-        keys of the batch, pad columns included, with zero weight) and ``resid [batch, n_layers +
-        1, d_model]`` of the last position. Pass ``attention_mask`` (and ``position_ids``) for a
-        left-padded batch.
-        """
-        resid: list[Optional[torch.Tensor]] = [None] * (len(self.layers) + 1)
+    def _resid_hooks(self, request: Request, resid: list, full: Optional[list]) -> list:
+        """Hooks filling ``resid`` (last position) and, when given, ``full`` (every position)."""
+        def keep(index: int, hidden: torch.Tensor) -> None:
+            resid[index] = hidden[:, -1]
+            if full is not None:  # only when asked: holding every layer's states costs L x T x d
+                full[index] = hidden
 
         def pre_hook(index: int):
             def hook(module, args, kwargs):
-                hidden = args[0] if args else kwargs["hidden_states"]
-                resid[index] = hidden[:, -1]
+                keep(index, args[0] if args else kwargs["hidden_states"])
             return hook
 
         def last_hook(module, args, kwargs, output):
-            hidden = output[0] if isinstance(output, tuple) else output
-            resid[-1] = hidden[:, -1]
+            keep(-1, output[0] if isinstance(output, tuple) else output)
 
+        if not request.default and full is None:
+            return []
         handles = [layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True)
                    for i, layer in enumerate(self.layers)]
         handles.append(self.layers[-1].register_forward_hook(last_hook, with_kwargs=True))
+        return handles
+
+    def __call__(self, request: Request) -> ForwardOut:
+        """One HF forward of a (left-padded) batch; see :class:`~llava_lens.forward.ForwardOut`."""
+        if request.names is not None or request.prefill_names is not None:
+            raise ValueError("the fast path records the default capture only; use the bridge path")
+        n = len(self.layers) + 1
+        resid: list[Optional[torch.Tensor]] = [None] * n
+        wants_full = request.summary is not None and request.summary.resid
+        full: Optional[list[Optional[torch.Tensor]]] = [None] * n if wants_full else None
+        sink = Sink(request, self.vit_index)
+        handles = self._resid_hooks(request, resid, full)
+        token = _SINK.set(sink)
         try:
             with self._unbridged():
-                out = self.model(**model_kwargs, use_cache=True, logits_to_keep=1)
-                rows = _sink
+                out = self.model(**request.kwargs, use_cache=True, logits_to_keep=1)
         finally:
+            _SINK.reset(token)
             for handle in handles:
                 handle.remove()
-        attention = torch.stack([rows[i] for i in range(len(self.layers))], dim=1)
-        captured = {"attention": attention, "resid": torch.stack(resid, dim=1)}
-        return out.logits[:, -1], out.past_key_values, captured
+        result = ForwardOut(out.logits[:, -1], out.past_key_values, text_rows=sink.text_rows,
+                            vit_mean=sink.vit_mean)
+        if request.default:
+            result.attention = torch.stack([sink.rows[i] for i in range(n - 1)], dim=1)
+            result.resid = torch.stack(resid, dim=1)
+        if full is not None:
+            result.full_resid = torch.stack(full, dim=1)
+        return result

@@ -111,17 +111,22 @@ def attention_map_max(trace: Trace, layers: Optional[Sequence[int]] = None, tile
 
 
 def vit_attention(trace: Trace) -> torch.Tensor:
-    """``[V, heads, T, T]``: base-tile ViT attention of the layers feeding the projector.
+    """``[V, T, T]``: base-tile ViT attention, mean over heads, of the layers feeding the projector.
 
-    ``T = 1 + patches`` (token 0 is CLS). Needs ``prefill_cache=True``.
+    ``T = 1 + patches`` (token 0 is CLS). Read from the prefill summary (``prefill_cache=True``)
+    or from raw ``vision_encoder.encoder_layers.L.attn.hook_pattern`` captures.
     """
+    summary = trace.summary
+    if summary is not None and summary.vit_attention is not None and \
+            summary.vit_layers == trace.info.vit_layers_used:
+        return summary.vit_attention.float()
     mats = []
     for layer in trace.info.vit_layers_used:
         name = hooks.vit_pattern(layer)
         if name not in trace.prefill:
-            raise ValueError(f"{name} not in trace.prefill (trace with prefill_cache=True)")
+            raise ValueError(f"this map needs the vision encoder's attention: trace with prefill_cache=True ({name})")
         pat = trace.prefill[name].float()
-        mats.append(pat[0] if pat.ndim == 4 else pat)  # NeXT: [tiles, heads, T, T]; tile 0 = base
+        mats.append((pat[0] if pat.ndim == 4 else pat).mean(0))  # NeXT: [tiles, heads, T, T]; tile 0 = base
     return torch.stack(mats)
 
 
@@ -141,7 +146,7 @@ def vlm_visualizer_map(trace: Trace, layers: Optional[Sequence[int]] = None) -> 
     the layers feeding the projector, CLS dropped, rows renormalised); the weighted maps are
     summed and scaled to max 1.
     """
-    vit = vit_attention(trace).mean(1)[:, 1:, 1:]  # [V, P, P], CLS dropped
+    vit = vit_attention(trace)[:, 1:, 1:]  # [V, P, P], CLS dropped
     vit = (vit / vit.sum(-1, keepdim=True)).mean(0)
     idx = _base_feature_positions(trace.vision_span)
     llm = image_attention(trace, layers).mean(2).mean(1)[:, idx]  # [S, P]
@@ -159,7 +164,7 @@ def vit_rollout(trace: Trace, query: str = "cls") -> torch.Tensor:
     the product over layers is read from the CLS row (``query="cls"``) or averaged over the
     patch rows (``query="patches"``). Normalised to sum 1 over patches.
     """
-    att = vit_attention(trace).mean(1)  # [V, T, T]
+    att = vit_attention(trace)  # [V, T, T]
     eye = torch.eye(att.shape[-1])
     roll = eye
     for a in att:

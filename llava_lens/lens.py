@@ -18,6 +18,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformer_lens import ActivationCache
 
+from llava_lens import hooks
+from llava_lens.tokens import token_strings
 from llava_lens.trace import Trace
 
 _TENSORS = ("top_ids", "top_probs", "target_ids", "target_probs", "target_ranks",
@@ -86,23 +88,41 @@ class LogitLens:
 
 def _resid_cache(resid: torch.Tensor, bridge: Any) -> ActivationCache:
     """An ActivationCache (no batch dim) holding ``resid [n_layers + 1, pos, d_model]``."""
-    n = resid.shape[0] - 1
-    cache = {f"blocks.{layer}.hook_resid_pre": resid[layer] for layer in range(n)}
-    cache[f"blocks.{n - 1}.hook_resid_post"] = resid[n]
-    return ActivationCache(cache, bridge, has_batch_dim=False)
+    names = hooks.resid_stack(resid.shape[0] - 1)
+    return ActivationCache(dict(zip(names, resid)), bridge, has_batch_dim=False)
 
 
-def decode_resid(resid: torch.Tensor, bridge: Any) -> tuple[torch.Tensor, list[str]]:
-    """Log-probabilities of every layer's residual: ``resid [L, pos, d_model] -> [L, pos, d_vocab]``.
-
-    ``ln_final`` via ``ActivationCache.accumulated_resid(apply_ln=True)``, then ``bridge.unembed``.
-    """
+def _decode(resid: torch.Tensor, bridge: Any) -> tuple[torch.Tensor, list[str]]:
+    """Float32 log-probabilities on the model's device: ``[L, pos, d_model] -> [L, pos, d_vocab]``."""
     param = next(bridge.unembed.parameters())
     cache = _resid_cache(resid.to(param.device, param.dtype), bridge)
     with torch.inference_mode():
         normed, labels = cache.accumulated_resid(apply_ln=True, return_labels=True)
         logits = torch.stack([bridge.unembed(layer[None])[0] for layer in normed])
-    return logits.float().log_softmax(-1).cpu(), labels
+    return logits.float().log_softmax(-1), labels
+
+
+def decode_resid(resid: torch.Tensor, bridge: Any) -> tuple[torch.Tensor, list[str]]:
+    """Log-probabilities of every layer's residual: ``resid [L, pos, d_model] -> [L, pos, d_vocab]`` (CPU).
+
+    ``ln_final`` via ``ActivationCache.accumulated_resid(apply_ln=True)``, then ``bridge.unembed``.
+    """
+    logp, labels = _decode(resid, bridge)
+    return logp.cpu(), labels
+
+
+def resid_topk(resid: torch.Tensor, bridge: Any, k: int, chunk: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k logit-lens tokens of ``resid [L, pos, d_model]``: ids and probabilities ``[L, pos, k]`` (CPU).
+
+    Decodes ``chunk`` positions at a time (memory ``L * chunk * d_vocab`` floats) and takes the
+    top-k on the model's device, so only ``[L, pos, k]`` ever reaches the host.
+    """
+    ids, probs = [], []
+    for sl in _chunks(resid.shape[1], chunk):
+        top = _decode(resid[:, sl], bridge)[0].topk(min(k, bridge.cfg.d_vocab), dim=-1)
+        ids.append(top.indices.cpu())
+        probs.append(top.values.exp().cpu())
+    return torch.cat(ids, 1), torch.cat(probs, 1)
 
 
 def _chunks(n: int, size: int):
@@ -127,25 +147,23 @@ def _lens_steps(trace: Trace, bridge: Any, k: int, chunk: int):
 
 
 def _prompt_resid(trace: Trace, n_layers: int) -> Optional[torch.Tensor]:
-    """``[n_layers + 1, prompt_len, d_model]`` from the prefill cache, or None when absent."""
-    names = [f"blocks.{layer}.hook_resid_pre" for layer in range(n_layers)]
-    names.append(f"blocks.{n_layers - 1}.hook_resid_post")
+    """``[n_layers + 1, prompt_len, d_model]`` from a raw prefill cache, or None when absent."""
+    names = hooks.resid_stack(n_layers)
     if not all(n in trace.prefill for n in names):
         return None
     return torch.stack([trace.prefill[n] for n in names])
 
 
 def _lens_prompt(trace: Trace, bridge: Any, n_layers: int, k: int, chunk: int):
+    """Prompt positions' top-k: decoded from a raw prefill cache, else read from the summary."""
     resid = _prompt_resid(trace, n_layers)
-    if resid is None:
-        empty = torch.zeros(n_layers + 1, 0, k)
-        return empty.long(), empty
-    ids, probs = [], []
-    for sl in _chunks(resid.shape[1], chunk):
-        top = decode_resid(resid[:, sl], bridge)[0].topk(k, dim=-1)
-        ids.append(top.indices)
-        probs.append(top.values.exp())
-    return torch.cat(ids, 1), torch.cat(probs, 1)
+    if resid is not None:
+        return resid_topk(resid, bridge, k, chunk)
+    summary = trace.summary
+    if summary is not None and summary.lens_top_ids is not None:
+        return summary.lens_top_ids[..., :k], summary.lens_top_probs[..., :k].float()
+    empty = torch.zeros(n_layers + 1, 0, k)
+    return empty.long(), empty
 
 
 def logit_lens(trace: Trace, lens: Any, k: int = 5, prompt: bool = True, chunk: int = 32) -> LogitLens:
@@ -153,7 +171,8 @@ def logit_lens(trace: Trace, lens: Any, k: int = 5, prompt: bool = True, chunk: 
 
     Args:
         trace: a trace recorded with the default capture (``Step.resid``); prompt positions
-            (image patches included) need ``prefill_cache=True``, else they are skipped.
+            (image patches included) need ``prefill_cache=True`` (the summary keeps their top-5;
+            a raw residual cache is decoded with ``k``), else they are skipped.
         lens: the :class:`llava_lens.LlavaLens` the trace came from (for ``ln_final``/``W_U``).
         k: top-k tokens kept per cell.
         prompt: also decode the prompt positions from ``trace.prefill``.
@@ -172,7 +191,7 @@ def logit_lens(trace: Trace, lens: Any, k: int = 5, prompt: bool = True, chunk: 
     else:
         p_ids, p_probs = torch.zeros(n_layers + 1, 0, k, dtype=torch.long), torch.zeros(n_layers + 1, 0, k)
     ids = torch.cat([top_ids.flatten(), p_ids.flatten(), target]).unique().tolist()
-    vocab = dict(zip(ids, lens.tokenizer.convert_ids_to_tokens(ids)))
+    vocab = dict(zip(ids, token_strings(lens.tokenizer, ids)))
     return LogitLens(top_ids, top_probs, target, t_probs, t_ranks, p_ids, p_probs,
                      layer_labels=labels, tokens=trace.tokens, vocab=vocab)
 

@@ -264,14 +264,15 @@ def analyse(lens: Any, example: Example, max_new_tokens: int = 16) -> dict:
 
 
 def analyse_batch(lens: Any, examples: list[Example], max_new_tokens: int = 16) -> list[dict]:
-    """Rows of several examples, generated together in one batch (:mod:`llava_lens.batch`).
+    """Rows of several examples, generated together in one batch (:mod:`llava_lens.engine`).
 
     Same rows as :func:`analyse` on each (up to float rounding). An example that fails to load
     or prepare becomes its own error row and the others go on; if the batched generation itself
     fails, each example is retried alone so the failure lands on the row that causes it.
     ``seconds`` is the batch's generation time shared equally, plus the example's own work.
     """
-    from llava_lens.batch import Prepared, trace_prepared
+    from llava_lens.engine import Prepared
+    from llava_lens.options import GenerateOptions
 
     start = time.perf_counter()
     rows = [_empty_row(ex) for ex in examples]
@@ -286,7 +287,8 @@ def analyse_batch(lens: Any, examples: list[Example], max_new_tokens: int = 16) 
     if not ready:
         return rows
     try:
-        traces = trace_prepared(lens, [p for _, p in ready], max_new_tokens=max_new_tokens, keep_logits=False)
+        options = GenerateOptions.build(max_new_tokens=max_new_tokens, keep_logits=False)
+        traces = lens.trace_prepared([p for _, p in ready], options)
     except Exception:  # noqa: BLE001 - find which example fails by running each alone
         for i, _ in ready:
             rows[i] = analyse(lens, examples[i], max_new_tokens)

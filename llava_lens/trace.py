@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 import torch
 from PIL import Image
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from llava_lens.errors import LlavaLensError
@@ -119,6 +120,51 @@ class Step:
 
 
 @dataclass
+class PrefillSummary:
+    """What the views read from the prefill, sized for real models (``Capture(prefill="views")``).
+
+    ``Q`` = text (non-image) prompt positions, ``T`` = prompt length, ``Ls`` = ``len(layers)``,
+    ``V`` = ``len(vit_layers)``, ``P`` = vision-encoder tokens of one tile (CLS + patches),
+    ``L + 1`` = logit-lens rows, ``k`` = top-k. Bytes: ``Ls*H*Q*T`` + ``V*P*P`` attention values
+    (fp16 by default) + ``(L+1)*T*k`` ids and probabilities + ``(L+1)*T`` norms, against
+    ``L*H*T*T`` for full patterns and ``(L+1)*T*d_model`` for full residual streams.
+    """
+
+    text_positions: torch.Tensor
+    """``[Q]`` long: prompt positions of the text queries whose attention rows are kept."""
+    layers: list[int]
+    """LM layers of ``attention``."""
+    attention: torch.Tensor
+    """``[Ls, H, Q, T]``: attention rows of the text queries over every prompt key."""
+    vit_layers: list[int] = field(default_factory=list)
+    """Vision-encoder layers of ``vit_attention`` (those feeding the projector)."""
+    vit_attention: Optional[torch.Tensor] = None
+    """``[V, P, P]``: the vision encoder's attention, mean over heads, of the base (whole-image) tile."""
+    lens_top_ids: Optional[torch.Tensor] = None
+    """``[L + 1, T, k]`` long: logit-lens top-k tokens at every prompt position (rows as ``Step.resid``)."""
+    lens_top_probs: Optional[torch.Tensor] = None
+    """``[L + 1, T, k]``: their probabilities."""
+    resid_norms: Optional[torch.Tensor] = None
+    """``[L + 1, T]``: L2 norm of the residual stream at every prompt position (massive activations, sinks)."""
+
+    TENSORS = ("text_positions", "attention", "vit_attention", "lens_top_ids", "lens_top_probs", "resid_norms")
+
+    def rows(self, layer: int) -> Optional[torch.Tensor]:
+        """``[H, Q, T]`` rows of ``layer``, or None when that layer was not kept."""
+        return self.attention[self.layers.index(layer)] if layer in self.layers else None
+
+    def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        """Tensors keyed for safetensors."""
+        return {prefix + k: getattr(self, k) for k in self.TENSORS if getattr(self, k) is not None}
+
+    @classmethod
+    def from_tensors(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor], prefix: str) -> PrefillSummary:
+        """Inverse of :meth:`to_tensors` (``meta`` holds the layer lists)."""
+        return cls(layers=meta["layers"], vit_layers=meta["vit_layers"],
+                   **{k: tensors.get(prefix + k) for k in cls.TENSORS})
+
+
+@dataclass
 class Trace:
     """A whole generation: prompt, image layout, and one :class:`Step` per generated token."""
 
@@ -139,7 +185,9 @@ class Trace:
     stop_reason: str = "max_new_tokens"
     """Why generation stopped: ``"eos"``, ``"stop_string"`` or ``"max_new_tokens"``."""
     prefill: dict[str, torch.Tensor] = field(default_factory=dict)
-    """Full-sequence prefill activations (batch dim dropped) when traced with ``prefill_cache``."""
+    """Full-sequence prefill activations (batch dim dropped) of the hooks named by ``prefill_cache``."""
+    summary: Optional[PrefillSummary] = None
+    """The prefill summary the views read (``prefill_cache=True``, the CLI's default)."""
 
     @property
     def token_ids(self) -> list[int]:
@@ -167,6 +215,8 @@ class Trace:
         for step in self.steps:
             tensors.update(step.to_tensors(f"steps.{step.index}."))
         tensors.update({f"prefill.{k}": v for k, v in self.prefill.items()})
+        if self.summary is not None:
+            tensors.update(self.summary.to_tensors("summary."))
         tensors, aliases = _dedupe(tensors)
         save_file(tensors, out / "trace.safetensors")
         meta = {
@@ -174,6 +224,8 @@ class Trace:
             "text": self.text, "model_name": self.model_name, "info": self.info.to_dict(),
             "stop_reason": self.stop_reason, "prompt_tokens": self.prompt_tokens,
             "vision_span": self.vision_span.to_dict(), "aliases": aliases,
+            "summary": None if self.summary is None else {"layers": self.summary.layers,
+                                                           "vit_layers": self.summary.vit_layers},
             "steps": [{"index": s.index, "token_id": s.token_id, "token": s.token, "position": s.position}
                       for s in self.steps],
         }
@@ -183,28 +235,66 @@ class Trace:
 
     @classmethod
     def load(cls, directory: str | Path) -> Trace:
-        """Load a trace written by :meth:`save` (safetensors + JSON; no pickle)."""
+        """Load a trace written by :meth:`save` (safetensors + JSON; no pickle).
+
+        Raises :class:`~llava_lens.LlavaLensError` with one line when the files are missing,
+        corrupt, of another format version, or inconsistent with each other.
+        """
         d = Path(directory)
         if not (d / "trace.json").is_file() or not (d / "trace.safetensors").is_file():
             raise LlavaLensError(f"no saved trace in {d} (expected trace.json and trace.safetensors)")
-        meta = json.loads((d / "trace.json").read_text())
-        if meta.get("format_version") not in READABLE_VERSIONS:
-            raise LlavaLensError(f"trace in {d} has format {meta.get('format_version')}, "
-                                 f"this llava-lens reads {READABLE_VERSIONS}")
-        tensors = load_file(d / "trace.safetensors")
+        try:
+            meta = json.loads((d / "trace.json").read_text(encoding="utf-8"))
+            tensors = load_file(d / "trace.safetensors")
+        except (OSError, ValueError, SafetensorError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise LlavaLensError(f"corrupt trace in {d}: {(str(err).splitlines() or [repr(err)])[0]}") from None
+        if not isinstance(meta, dict) or meta.get("format_version") not in READABLE_VERSIONS:
+            version = meta.get("format_version") if isinstance(meta, dict) else None
+            raise LlavaLensError(f"trace in {d} has format {version!r}, this llava-lens reads {READABLE_VERSIONS}")
+        try:
+            trace = cls._from_saved(meta, tensors, d)
+        except (KeyError, TypeError, ValueError, IndexError, OSError) as err:
+            raise LlavaLensError(f"corrupt trace in {d}: bad or missing field {err}") from None
+        trace.validate(where=str(d))
+        return trace
+
+    @classmethod
+    def _from_saved(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor], d: Path) -> Trace:
         tensors.update({alias: tensors[key] for alias, key in meta.get("aliases", {}).items()})
         steps = [Step.from_tensors(m, tensors, f"steps.{m['index']}.") for m in meta["steps"]]
         prefill = {k[len("prefill."):]: v for k, v in tensors.items() if k.startswith("prefill.")}
+        summary = PrefillSummary.from_tensors(meta["summary"], tensors, "summary.") if meta.get("summary") else None
         with Image.open(d / "image.png") as img:
             image = img.convert("RGB")
         return cls(
             steps=steps, vision_span=VisionSpan.from_dict(meta["vision_span"]),
-            prompt_ids=tensors["prompt_ids"], prompt_tokens=meta["prompt_tokens"],
-            question=meta["question"], prompt=meta["prompt"], text=meta["text"], image=image,
-            model_name=meta["model_name"], info=ModelInfo.from_dict(meta.get("info") or meta["config"]),
-            stop_reason=meta["stop_reason"],
-            prefill=prefill,
+            prompt_ids=tensors["prompt_ids"], prompt_tokens=list(meta["prompt_tokens"]),
+            question=str(meta["question"]), prompt=str(meta["prompt"]), text=str(meta["text"]), image=image,
+            model_name=str(meta["model_name"]), info=ModelInfo.from_dict(meta.get("info") or meta["config"]),
+            stop_reason=str(meta["stop_reason"]), prefill=prefill, summary=summary,
         )
+
+    def validate(self, where: str = "trace") -> None:
+        """Check the parts agree (shapes, positions, token counts); one-line error naming the first problem."""
+        n = len(self.prompt_ids)
+        problems = []
+        if len(self.prompt_tokens) != n:
+            problems.append(f"{len(self.prompt_tokens)} prompt tokens for {n} prompt ids")
+        if len(self.vision_span) and int(self.vision_span.positions.max()) >= n:
+            problems.append("image positions beyond the prompt")
+        for i, step in enumerate(self.steps):
+            if step.index != i or step.position != n - 1 + i:
+                problems.append(f"step {i} has index {step.index} and position {step.position}")
+            elif step.attention is not None and tuple(step.attention.shape) != (
+                    self.info.n_layers, self.info.n_heads, n + i):
+                problems.append(f"step {i} attention has shape {tuple(step.attention.shape)}, expected "
+                                f"{(self.info.n_layers, self.info.n_heads, n + i)}")
+            elif step.resid is not None and step.resid.shape[0] != self.info.n_layers + 1:
+                problems.append(f"step {i} residual has {step.resid.shape[0]} rows, expected {self.info.n_layers + 1}")
+            if problems:
+                break
+        if problems:
+            raise LlavaLensError(f"corrupt trace in {where}: {problems[0]}")
 
 
 def _dedupe(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -57,14 +57,12 @@ def test_masked_images_and_patch_chance(prefill_trace):
 
 
 def _trace_with_planted_sink(trace, index: int, scale: float = 50.0):
-    prefill = dict(trace.prefill)
+    import dataclasses
+
     pos = int(trace.vision_span.positions[index])
-    for layer in range(1, trace.info.n_layers):
-        name = f"blocks.{layer}.hook_resid_pre"
-        resid = prefill[name].clone()
-        resid[pos] *= scale
-        prefill[name] = resid
-    trace.__dict__["prefill"] = prefill
+    norms = trace.summary.resid_norms.clone()
+    norms[1:, pos] *= scale
+    trace.__dict__["summary"] = dataclasses.replace(trace.summary, resid_norms=norms)
     return trace
 
 

@@ -83,7 +83,7 @@ def test_trace_writes_views_and_report(llava_dir, image_file, cwd, capsys):
     assert not (out / "attention/layer_00.html").exists()  # --layers -1: the last layer only
     meta = json.loads((out / "trace.json").read_text())
     assert stdout.strip() == meta["text"].strip() and len(meta["steps"]) <= 3
-    assert any(k.startswith("prefill.") for k in _safetensor_keys(out / "trace.safetensors"))
+    assert any(k.startswith("summary.") for k in _safetensor_keys(out / "trace.safetensors"))
     assert sorted(p.name for p in cwd.iterdir()) == ["run"]
     report = (out / "report.html").read_text()
     assert 'id="layer-1"' in report and 'id="layer-0"' not in report

@@ -7,6 +7,7 @@ from PIL import Image
 
 import llava_lens
 from llava_lens import grounding as g
+from llava_lens import hooks
 from llava_lens.toy.build import build_llava
 
 
@@ -14,7 +15,10 @@ def _trace(path, family):
     build_llava(path, family)
     lens = llava_lens.load(str(path))
     image = Image.fromarray((np.random.default_rng(1).random((40, 56, 3)) * 255).astype("uint8"))
-    return lens.trace(image, "what color is the circle ?", max_new_tokens=3, prefill_cache=True)
+    # raw ViT patterns (the hand computations' reference) and float32 rows (sums checked to 1e-5)
+    vit = [hooks.vit_pattern(layer) for layer in range(lens.config.vision_config.num_hidden_layers)]
+    return lens.trace(image, "what color is the circle ?", max_new_tokens=3, prefill_cache=vit,
+                      attention_dtype=torch.float32)
 
 
 @pytest.fixture(scope="module")
@@ -109,3 +113,16 @@ def test_paint_places_values_in_boxes(traces):
     assert painted.sum() == pytest.approx(2.0 * (bottom - top) * (right - left))
     grid = span.to_grid(vals)
     assert torch.equal(g.grid_to_positions(grid, span), vals)
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+def test_maps_from_the_prefill_summary_equal_maps_from_raw_patterns(traces, family):
+    """The default (summary) trace stores head-mean ViT attention and fp16 rows: same maps within fp16 error."""
+    raw = traces[family]
+    lens = llava_lens.load(str(raw.model_name))
+    summary = lens.trace(raw.image, raw.question, max_new_tokens=3, prefill_cache=True)
+    assert summary.prefill == {} and summary.summary.vit_attention is not None
+    assert summary.token_ids == raw.token_ids
+    torch.testing.assert_close(g.vit_rollout(summary), g.vit_rollout(raw), atol=2e-3, rtol=0)
+    torch.testing.assert_close(g.vlm_visualizer_map(summary), g.vlm_visualizer_map(raw), atol=5e-3, rtol=0)
+    torch.testing.assert_close(g.attention_map_mean(summary), g.attention_map_mean(raw), atol=5e-4, rtol=0)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from llava_lens import hooks
 from llava_lens.lens import LogitLens, logit_lens, patch_words
 
 
@@ -57,13 +58,19 @@ def test_shapes_and_hand_computation(setup):
 
 
 def test_prompt_positions_match_hand(setup):
-    path, lens, trace = setup
+    path, lens, summary_trace = setup
+    names = hooks.resid_stack(lens.n_layers)  # raw residuals: the hand computation's input
+    trace = lens.trace(summary_trace.image, summary_trace.question, max_new_tokens=2, prefill_cache=names)
     res = logit_lens(trace, lens, k=2, chunk=7)  # odd chunk: exercises chunking
-    n = trace.info.n_layers
-    resid = torch.stack([trace.prefill[f"blocks.{i}.hook_resid_pre"] for i in range(n)]
-                        + [trace.prefill[f"blocks.{n - 1}.hook_resid_post"]])
+    resid = torch.stack([trace.prefill[name] for name in names])
     hand = _hand_logprobs(path, resid)
     torch.testing.assert_close(res.prompt_top_probs.double(), hand.topk(2, -1).values.exp(), atol=1e-5, rtol=1e-4)
+    # the default trace keeps no residuals but the prompt positions' top-5, computed during the prefill
+    from_summary = logit_lens(summary_trace, lens, k=5)
+    torch.testing.assert_close(from_summary.prompt_top_probs.double(), hand.topk(5, -1).values.exp(),
+                               atol=1e-5, rtol=1e-4)
+    assert torch.equal(from_summary.prompt_top_ids, hand.topk(5, -1).indices)
+    torch.testing.assert_close(summary_trace.summary.resid_norms, resid.norm(dim=-1), atol=1e-4, rtol=1e-5)
     words = patch_words(res, trace, layer=1)
     assert len(words) == len(trace.vision_span)
     assert all(isinstance(w, str) for w in words)

@@ -51,7 +51,7 @@ def test_steps_equal_no_cache_recompute(which, path, lens, next_lens, image):
     extra capture)."""
     lens_ = lens if which == "llava" else next_lens
     extra = ["blocks.0.hook_mlp_out"] if path == "bridge" else None
-    trace = lens_.trace(image, QUESTION, max_new_tokens=6, capture=extra)
+    trace = lens_.trace(image, QUESTION, max_new_tokens=6, capture=extra, attention_dtype=torch.float32)
     inputs, _ = lens_.prepare(image, QUESTION)
     n_layers = lens_.n_layers
     for step in trace.steps:
@@ -75,14 +75,17 @@ def test_steps_equal_no_cache_recompute(which, path, lens, next_lens, image):
 
 
 def test_attention_rows_are_distributions(lens, image):
-    trace = lens.trace(image, QUESTION, max_new_tokens=4)
+    trace = lens.trace(image, QUESTION, max_new_tokens=4, attention_dtype=torch.float32)
     for step in trace.steps:
         sums = step.attention.sum(-1)
         torch.testing.assert_close(sums, torch.ones_like(sums), atol=1e-5, rtol=0)
 
 
-def test_prefill_cache_holds_vision_encoder_and_lm_patterns(lens, image):
-    trace = lens.trace(image, QUESTION, max_new_tokens=2, prefill_cache=True)
+def test_prefill_cache_names_hold_vision_encoder_and_lm_patterns(lens, image):
+    names = ["blocks.0.attn.hook_pattern", "blocks.1.attn.hook_pattern",
+             "vision_encoder.encoder_layers.0.attn.hook_pattern"]
+    trace = lens.trace(image, QUESTION, max_new_tokens=2, prefill_cache=names, attention_dtype=torch.float32)
+    assert set(trace.prefill) == set(names)
     n_prompt = len(trace.prompt_ids)
     assert trace.prefill["blocks.0.attn.hook_pattern"].shape == (lens.n_heads, n_prompt, n_prompt)
     vis = trace.prefill["vision_encoder.encoder_layers.0.attn.hook_pattern"]
@@ -194,11 +197,13 @@ def test_fast_path_is_used_and_leaves_the_bridge_intact(lens, image, monkeypatch
 
     calls = []
     original = fastpath.FastForward.__call__
-    monkeypatch.setattr(fastpath.FastForward, "__call__", lambda self, **kw: calls.append(1) or original(self, **kw))
+    monkeypatch.setattr(fastpath.FastForward, "__call__",
+                        lambda self, request: calls.append(1) or original(self, request))
     fast = lens.trace(image, QUESTION, max_new_tokens=4)
     assert len(calls) == 4  # prefill + 3 decode steps
-    slow = lens.trace(image, QUESTION, max_new_tokens=4, fast=False)
-    assert len(calls) == 4
+    slow = lens.trace(image, QUESTION, max_new_tokens=4, fast=False, attention_dtype=torch.float32)
+    fast = lens.trace(image, QUESTION, max_new_tokens=4, attention_dtype=torch.float32)
+    assert len(calls) == 8
     assert fast.token_ids == slow.token_ids
     for a, b in zip(fast.steps, slow.steps):
         torch.testing.assert_close(a.attention, b.attention, atol=1e-6, rtol=0)

@@ -99,8 +99,8 @@ def test_attention_matrix_and_window(setup):
         keys = step.attention.shape[-1]
         torch.testing.assert_close(mat[:, step.position, :keys], step.attention[1].float())
         assert mat[:, step.position, keys:].abs().sum() == 0
-    torch.testing.assert_close(mat[:, :prompt_len - 1, :prompt_len],
-                               trace.prefill["blocks.1.attn.hook_pattern"][:, :prompt_len - 1].float())
+    text = trace.summary.text_positions
+    torch.testing.assert_close(mat[:, text, :prompt_len], trace.summary.rows(1).float())
     body = vhtml.layer_views(trace, 0, window=(2, 12), heads=False)
     assert "positions 2–11" in body
 

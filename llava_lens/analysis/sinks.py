@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from llava_lens import hooks
 from llava_lens.grounding import image_attention
 from llava_lens.trace import Trace
 
@@ -41,15 +42,19 @@ class Sinks:
 def find_sinks(trace: Trace, k: float = 3.0, layers: Optional[Sequence[int]] = None) -> Sinks:
     """Image tokens whose residual norm exceeds ``k`` x the median image-token norm.
 
-    Reads ``trace.prefill["blocks.{l}.hook_resid_pre"]`` (trace with ``prefill_cache=True``);
-    ``layers`` defaults to every layer but the first (the embeddings).
+    Reads the prefill's ``blocks.{l}.hook_resid_pre`` norms (``Trace.summary.resid_norms`` when
+    traced with ``prefill_cache=True``, or the raw residuals); ``layers`` defaults to every layer
+    but the first (the embeddings).
     """
     n_layers = trace.info.n_layers
     pos = trace.vision_span.positions
-    names = [f"blocks.{layer}.hook_resid_pre" for layer in range(n_layers)]
-    if any(name not in trace.prefill for name in names):
+    names = [hooks.resid_pre(layer) for layer in range(n_layers)]
+    if trace.summary is not None and trace.summary.resid_norms is not None:
+        norms = trace.summary.resid_norms[:n_layers, pos].float()
+    elif all(name in trace.prefill for name in names):
+        norms = torch.stack([trace.prefill[name][pos].float().norm(dim=-1) for name in names])
+    else:
         raise ValueError("find_sinks needs the prefill residual stream (trace with prefill_cache=True)")
-    norms = torch.stack([trace.prefill[name][pos].float().norm(dim=-1) for name in names])
     ratio = norms / norms.median(dim=-1, keepdim=True).values.clamp_min(1e-12)
     layers = list(range(1, n_layers)) if layers is None else [layer % n_layers for layer in layers]
     is_sink = (ratio[layers] > k).any(0)

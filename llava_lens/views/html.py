@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from circuitsvis.utils.convert_props import convert_prop_type
 
+from llava_lens import hooks
 from llava_lens.trace import Trace
 
 JS_NAME = "circuitsvis.js"
@@ -54,17 +55,20 @@ def position_labels(trace: Trace) -> list[str]:
 def attention_matrix(trace: Trace, layer: int) -> torch.Tensor:
     """``[H, T, T]`` attention of ``layer`` over positions ``T = prompt_len + n_steps - 1``.
 
-    Rows of prompt positions come from ``trace.prefill`` (zeros when it was not captured);
-    the rows of the positions that produced each generated token from ``Step.attention``
-    (future keys are 0).
+    Rows of prompt positions come from a raw ``blocks.L.attn.hook_pattern`` prefill capture, else
+    (text queries only) from ``trace.summary``; rows not captured are zeros. The rows of the
+    positions that produced each generated token come from ``Step.attention`` (future keys are 0).
     """
     prompt_len = len(trace.prompt_ids)
     n_t = prompt_len + len(trace.steps) - 1
     n_heads = trace.info.n_heads
     mat = torch.zeros(n_heads, n_t, n_t)
-    pre = trace.prefill.get(f"blocks.{layer}.attn.hook_pattern")
+    pre = trace.prefill.get(hooks.attn_pattern(layer))
+    rows = trace.summary.rows(layer) if trace.summary is not None else None
     if pre is not None:
         mat[:, :prompt_len, :prompt_len] = pre.float()
+    elif rows is not None:
+        mat[:, trace.summary.text_positions, :prompt_len] = rows.float()
     for step in trace.steps:
         row = step.attention[layer].float()  # [H, keys]
         mat[:, step.position, : row.shape[-1]] = row
