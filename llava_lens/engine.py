@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
+from llava_lens import hooks
 from llava_lens.errors import PromptError
 from llava_lens.families import VisionSpan
 from llava_lens.forward import ForwardOut, Request, SummarySpec
@@ -142,12 +143,31 @@ def _summary_spec(lens: Any, rows: list[Row], options: GenerateOptions) -> Summa
                        lens.info().vit_layers_used, resid=True)
 
 
+def check_names(bridge: Any, names: Any, what: str) -> None:
+    """Refuse a names filter that names unknown hooks (or, as a predicate, matches none)."""
+    if names is None:
+        return
+    known = bridge.hook_dict
+    if callable(names):
+        if not any(names(name) for name in known):
+            raise ValueError(f"{what} matches no hook of this model (e.g. {hooks.attn_pattern(0)})")
+        return
+    unknown = [n for n in ([names] if isinstance(names, str) else names) if n not in known]
+    if unknown:
+        close = [n for n in known if n.endswith(unknown[0].rsplit(".", 1)[-1])][:2]
+        hint = f"; did you mean {' or '.join(close)}?" if close else f" (e.g. {hooks.attn_pattern(0)})"
+        raise ValueError(f"unknown hook name {unknown[0]!r} in {what}{hint}")
+
+
 class Engine:
     """Steps a batch of prepared examples; yields after every step. See the module docstring."""
 
     def __init__(self, lens: Any, prepared: Sequence[Prepared], options: GenerateOptions):
         self.lens, self.options = lens, options
         capture = options.capture
+        check_names(lens.bridge, capture.names, "capture")
+        check_names(lens.bridge, capture.raw_prefill, "prefill_cache")
+        view_layers(lens.n_layers, capture.layers)  # a layer that does not exist is an error even unused
         self.names = as_predicate(capture.names) if capture.names is not None else None
         raw = capture.raw_prefill
         self.prefill_names = as_predicate(raw) if raw is not None else None
