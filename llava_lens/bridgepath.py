@@ -74,12 +74,13 @@ class BridgeForward:
     def __init__(self, lens: Any):
         self.bridge, self.n_layers = lens.bridge, lens.n_layers
         self.lock = lens.forward_lock
-        self.defaults = set(hooks.resid_stack(self.n_layers)) | {hooks.attn_pattern(i) for i in range(self.n_layers)}
+        self.patterns = {hooks.attn_pattern(i) for i in range(self.n_layers)}
 
     def _hooks(self, request: Request, out: ForwardOut, stores: dict[str, dict], full: list):
         fns: list[tuple[str, HookFn]] = []
         if request.default:
-            fns += caching_hooks(self.bridge, self.defaults.__contains__, stores["default"], last_only=True)
+            defaults = self.patterns | set(hooks.resid_stack(self.n_layers, request.mid))
+            fns += caching_hooks(self.bridge, defaults.__contains__, stores["default"], last_only=True)
         if request.names is not None:
             fns += caching_hooks(self.bridge, request.names, stores["extra"], last_only=True)
         if request.prefill_names is not None:
@@ -101,7 +102,8 @@ class BridgeForward:
         if request.default:
             store = stores["default"]
             out.attention = torch.stack([store[hooks.attn_pattern(i)] for i in range(self.n_layers)], dim=1)
-            out.resid = torch.stack([store[name] for name in hooks.resid_stack(self.n_layers)], dim=1)
+            names = hooks.resid_stack(self.n_layers, request.mid)
+            out.resid = torch.stack([store[name] for name in names], dim=1)
         # a hook point caches under its canonical name and the alias asked for: keep what was asked
         out.extra = {k: v for k, v in stores["extra"].items() if request.names(k)} if request.names else {}
         if request.prefill_names is not None:

@@ -225,7 +225,7 @@ class Engine:
         kwargs = _prefill_kwargs(self.lens, self.rows)
         capture = self.options.capture
         spec = _summary_spec(self.lens, self.rows, self.options) if capture.summary else None
-        request = Request(kwargs, default=capture.default, summary=spec, names=self.names,
+        request = Request(kwargs, default=capture.default, mid=capture.mid, summary=spec, names=self.names,
                           prefill_names=self.prefill_names)
         out = self._forward(request)
         self.mask = kwargs.get("attention_mask", torch.ones_like(kwargs["input_ids"]))
@@ -253,7 +253,8 @@ class Engine:
             if len(self.rows) > 1:
                 kwargs.update(attention_mask=self.mask.to(self.lens.device), position_ids=positions)
             with torch.inference_mode():
-                out = self._forward(Request(kwargs, default=self.options.capture.default, names=self.names))
+                out = self._forward(Request(kwargs, default=self.options.capture.default,
+                                            mid=self.options.capture.mid, names=self.names))
 
 
 def _to_cpu(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

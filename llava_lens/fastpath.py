@@ -129,6 +129,8 @@ class FastForward:
         self.hook_points = list({id(hp): hp for hp in lens.bridge.hook_dict.values()}.values())
         self.swaps = _swaps(self.model)
         self.layers = [_unwrap(layer) for layer in self.model.model.language_model.layers]
+        # the HF modules, not the bridge components that stand in them while bridged
+        self.mid_norms = [_unwrap(layer.post_attention_layernorm) for layer in self.layers]
         self.configs = (self.model.config.text_config, self.model.config.vision_config)
         self.vit_index = _vit_attention_modules(self.model)
         self._depth = 0
@@ -164,24 +166,33 @@ class FastForward:
                 self._depth -= 1
 
     def _resid_hooks(self, request: Request, resid: list, full: Optional[list]) -> list:
-        """Hooks filling ``resid`` (last position) and, when given, ``full`` (every position)."""
-        def keep(index: int, hidden: torch.Tensor) -> None:
-            resid[index] = hidden[:, -1]
-            if full is not None:  # only when asked: holding every layer's states costs L x T x d
-                full[index] = hidden
+        """Hooks filling ``resid`` (last position) and, when given, ``full`` (every position).
 
-        def pre_hook(index: int):
+        ``resid`` gets the rows of ``hooks.resid_stack`` (mid rows too when asked); ``full`` only the
+        ``hook_resid_pre`` rows and the last ``hook_resid_post``.
+        """
+        step = 2 if request.mid else 1
+
+        def keep(layer: int, hidden: torch.Tensor, mid: bool = False) -> None:
+            resid[layer * step + mid] = hidden[:, -1]
+            if full is not None and not mid:  # only when asked: every layer's states cost L x T x d
+                full[layer] = hidden
+
+        def pre_hook(layer: int, mid: bool = False):
             def hook(module, args, kwargs):
-                keep(index, args[0] if args else kwargs["hidden_states"])
+                keep(layer, args[0] if args else kwargs["hidden_states"], mid)
             return hook
 
         def last_hook(module, args, kwargs, output):
-            keep(-1, output[0] if isinstance(output, tuple) else output)
+            keep(len(self.layers), output[0] if isinstance(output, tuple) else output)
 
         if not request.default and full is None:
             return []
         handles = [layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True)
                    for i, layer in enumerate(self.layers)]
+        if request.mid:  # the residual between attention and MLP enters the post-attention norm
+            handles += [norm.register_forward_pre_hook(pre_hook(i, True), with_kwargs=True)
+                        for i, norm in enumerate(self.mid_norms)]
         handles.append(self.layers[-1].register_forward_hook(last_hook, with_kwargs=True))
         return handles
 
@@ -190,7 +201,7 @@ class FastForward:
         if request.names is not None or request.prefill_names is not None:
             raise ValueError("the fast path records the default capture only; use the bridge path")
         n = len(self.layers) + 1
-        resid: list[Optional[torch.Tensor]] = [None] * n
+        resid: list[Optional[torch.Tensor]] = [None] * (2 * n - 1 if request.mid else n)
         wants_full = request.summary is not None and request.summary.resid
         full: Optional[list[Optional[torch.Tensor]]] = [None] * n if wants_full else None
         sink = Sink(request, self.vit_index)

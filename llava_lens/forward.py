@@ -37,6 +37,8 @@ class Request:
     kwargs: dict[str, Any]
     default: bool = True
     """Record the last position's attention rows and residual stream."""
+    mid: bool = False
+    """The residual stream includes each block's ``hook_resid_mid`` (see ``hooks.resid_stack``)."""
     summary: Optional[SummarySpec] = None
     names: Optional[Callable[[str], bool]] = None
     """Extra hooks recorded at the last position (bridge only)."""
@@ -55,7 +57,7 @@ class ForwardOut:
     attention: Optional[torch.Tensor] = None
     """``[B, L, H, K]``: the last query's attention rows (pad keys get weight 0)."""
     resid: Optional[torch.Tensor] = None
-    """``[B, L + 1, d_model]``: ``hook_resid_pre`` of every block and the last ``hook_resid_post``."""
+    """``[B, R, d_model]``: the rows of ``hooks.resid_stack(L, mid)`` at the last position."""
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
     prefill: dict[str, torch.Tensor] = field(default_factory=dict)
     text_rows: dict[int, torch.Tensor] = field(default_factory=dict)

@@ -41,12 +41,22 @@ def vit_pattern(layer: int) -> str:
     return f"{VIT_PREFIX}{layer}.attn.hook_pattern"
 
 
-def resid_stack(n_layers: int) -> list[str]:
+def resid_stack(n_layers: int, mid: bool = False) -> list[str]:
     """The logit-lens rows: ``hook_resid_pre`` of every block, then the last ``hook_resid_post``.
 
-    ``n_layers + 1`` names; the same rows as ``Step.resid`` and ``LogitLens``.
+    ``n_layers + 1`` names, or ``2 * n_layers + 1`` with ``mid`` (each block's ``hook_resid_mid``
+    after its ``hook_resid_pre``: the order of ``accumulated_resid(incl_mid=True)``); the rows of
+    ``Step.resid`` and ``LogitLens``.
     """
-    return [resid_pre(layer) for layer in range(n_layers)] + [resid_post(n_layers - 1)]
+    pre = [[resid_pre(layer), resid_mid(layer)] if mid else [resid_pre(layer)] for layer in range(n_layers)]
+    return [name for names in pre for name in names] + [resid_post(n_layers - 1)]
+
+
+def has_mid(n_rows: int, n_layers: int) -> bool:
+    """Whether ``n_rows`` residual rows of an ``n_layers`` model include the mid-block rows."""
+    if n_rows not in (n_layers + 1, 2 * n_layers + 1):
+        raise ValueError(f"{n_rows} residual rows do not fit a {n_layers}-layer model")
+    return n_rows == 2 * n_layers + 1
 
 
 def as_predicate(names: NamesFilter) -> Callable[[str], bool]:

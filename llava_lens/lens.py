@@ -30,8 +30,11 @@ _TENSORS = ("top_ids", "top_probs", "target_ids", "target_probs", "target_ranks"
 class LogitLens:
     """Logit-lens decodings of a :class:`Trace`.
 
-    ``L = n_layers + 1`` rows: row ``l < n_layers`` decodes ``blocks.l.hook_resid_pre``, the last
-    row the final residual (``blocks.{n-1}.hook_resid_post``), which reproduces the model's output.
+    ``L`` rows as ``Step.resid``: ``n_layers + 1`` (row ``l < n_layers`` decodes
+    ``blocks.l.hook_resid_pre``, the last row the final residual ``blocks.{n-1}.hook_resid_post``,
+    which reproduces the model's output), or ``2 * n_layers + 1`` with each block's
+    ``hook_resid_mid`` after its ``hook_resid_pre`` for a ``mid=True`` trace (prompt positions
+    always have ``n_layers + 1``).
     ``S`` = generated steps, ``P`` = prompt positions, ``k`` = top-k kept.
     """
 
@@ -86,18 +89,18 @@ class LogitLens:
                    vocab={int(k): v for k, v in meta["vocab"].items()})
 
 
-def _resid_cache(resid: torch.Tensor, bridge: Any) -> ActivationCache:
-    """An ActivationCache (no batch dim) holding ``resid [n_layers + 1, pos, d_model]``."""
-    names = hooks.resid_stack(resid.shape[0] - 1)
-    return ActivationCache(dict(zip(names, resid)), bridge, has_batch_dim=False)
-
-
 def _decode(resid: torch.Tensor, bridge: Any) -> tuple[torch.Tensor, list[str]]:
-    """Float32 log-probabilities on the model's device: ``[L, pos, d_model] -> [L, pos, d_vocab]``."""
+    """Float32 log-probabilities on the model's device: ``[R, pos, d_model] -> [R, pos, d_vocab]``.
+
+    ``R`` rows as ``hooks.resid_stack`` names them (with or without the mid-block rows).
+    """
     param = next(bridge.unembed.parameters())
-    cache = _resid_cache(resid.to(param.device, param.dtype), bridge)
+    n_layers = bridge.cfg.n_layers
+    mid = hooks.has_mid(resid.shape[0], n_layers)
+    names = hooks.resid_stack(n_layers, mid)
+    cache = ActivationCache(dict(zip(names, resid.to(param.device, param.dtype))), bridge, has_batch_dim=False)
     with torch.inference_mode():
-        normed, labels = cache.accumulated_resid(apply_ln=True, return_labels=True)
+        normed, labels = cache.accumulated_resid(apply_ln=True, incl_mid=mid, return_labels=True)
         logits = torch.stack([bridge.unembed(layer[None])[0] for layer in normed])
     return logits.float().log_softmax(-1), labels
 

@@ -94,7 +94,8 @@ class Capture:
 
     Per step (the query position that produced the token): attention rows
     ``[n_layers, n_heads, K]`` in ``attention_dtype`` and the residual stream
-    ``[n_layers + 1, d_model]`` in ``dtype`` (``default``), plus any hooks named in ``names``.
+    ``[n_layers + 1, d_model]`` in ``dtype`` (``default``; ``2 * n_layers + 1`` rows with ``mid``),
+    plus any hooks named in ``names``.
 
     Prefill (``prefill``): ``False`` nothing; ``True`` or ``"views"`` a
     :class:`~llava_lens.trace.PrefillSummary` sized for real models (attention rows of the text
@@ -116,6 +117,8 @@ class Capture:
     top_k: int = 20
     """Next-token candidates each Step keeps."""
     keep_logits: bool = True
+    mid: bool = False
+    """Also record each block's ``hook_resid_mid`` in ``Step.resid`` (``2 * n_layers + 1`` rows)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", _dtype(self.dtype, "dtype"))

@@ -88,7 +88,9 @@ class Step:
     attention: Optional[torch.Tensor] = None
     """``[n_layers, n_heads, n_keys]``: the attention row of this query in every layer and head."""
     resid: Optional[torch.Tensor] = None
-    """``[n_layers + 1, d_model]``: residual stream entering each block, then after the last."""
+    """``[n_layers + 1, d_model]``: residual stream entering each block, then after the last
+    (``hooks.resid_stack``); ``2 * n_layers + 1`` rows, each block's ``hook_resid_mid`` after its
+    ``hook_resid_pre``, when traced with ``mid=True``."""
     cache: dict[str, torch.Tensor] = field(default_factory=dict)
     """Other captured hooks (TransformerLens names), batch dim dropped, this position only."""
 
@@ -289,8 +291,9 @@ class Trace:
                     self.info.n_layers, self.info.n_heads, n + i):
                 problems.append(f"step {i} attention has shape {tuple(step.attention.shape)}, expected "
                                 f"{(self.info.n_layers, self.info.n_heads, n + i)}")
-            elif step.resid is not None and step.resid.shape[0] != self.info.n_layers + 1:
-                problems.append(f"step {i} residual has {step.resid.shape[0]} rows, expected {self.info.n_layers + 1}")
+            elif step.resid is not None and step.resid.shape[0] not in (self.info.n_layers + 1,
+                                                                          2 * self.info.n_layers + 1):
+                problems.append(f"step {i} residual has {step.resid.shape[0]} rows for {self.info.n_layers} layers")
             if problems:
                 break
         if problems:

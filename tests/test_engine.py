@@ -213,3 +213,22 @@ def test_saved_trace_with_a_summary_round_trips_and_edits_are_caught(lens, image
     (tmp_path / "t" / "trace.json").write_text(json.dumps({**meta, "prompt_tokens": trace.prompt_tokens}))
     with pytest.raises(ll.LlavaLensError, match="corrupt trace"):
         ll.Trace.load(tmp_path / "t")
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_mid_rows_equal_a_recompute_and_label_the_logit_lens(lens, image, fast):
+    """``mid=True`` adds each block's hook_resid_mid (accumulated_resid(incl_mid=True) order)."""
+    trace = lens.trace(image, QUESTION, max_new_tokens=3, mid=True, fast=fast)
+    n = lens.n_layers
+    inputs, _ = lens.prepare(image, QUESTION)
+    for step in trace.steps:
+        prefix = torch.cat([inputs.input_ids, torch.tensor([trace.token_ids[:step.index]], dtype=torch.long)], 1)
+        with torch.no_grad():
+            _, cache = lens.bridge.run_with_cache(prefix, pixel_values=inputs.pixel_values)
+        expected = torch.stack([cache[name][0, -1] for name in hooks.resid_stack(n, mid=True)])
+        assert step.resid.shape == (2 * n + 1, lens.d_model)
+        torch.testing.assert_close(step.resid, expected, atol=1e-5, rtol=0)
+    result = ll.logit_lens(trace, lens, k=2)
+    assert result.top_ids.shape[0] == 2 * n + 1 and result.layer_labels[1] == "0_mid"
+    plain = ll.logit_lens(lens.trace(image, QUESTION, max_new_tokens=3, fast=fast), lens, k=2)
+    torch.testing.assert_close(result.target_probs[::2], plain.target_probs, atol=1e-5, rtol=0)
