@@ -26,11 +26,13 @@ from llava_lens.inputs import build_prompt, load_image
 from llava_lens.lens import LogitLens, logit_lens, patch_words
 from llava_lens.loading import load
 from llava_lens.model import LlavaLens
-from llava_lens.trace import Step, Trace
+from llava_lens.options import Capture, GenerateOptions, Sampling
+from llava_lens.trace import ModelInfo, PrefillSummary, Step, Trace
 from llava_lens.views.explore import explore
 
 __all__ = [
-    "load", "LlavaLens", "Trace", "Step", "VisionSpan", "load_image", "build_prompt",
+    "load", "LlavaLens", "Trace", "Step", "VisionSpan", "ModelInfo", "PrefillSummary", "load_image", "build_prompt",
+    "GenerateOptions", "Sampling", "Capture",
     "logit_lens", "LogitLens", "patch_words",
     "vision_share", "VisionShare", "attention_map_mean", "attention_map_max", "vlm_visualizer_map",
     "vit_rollout_map", "paint", "paint_grid", "MAPS", "grounding", "views",
