@@ -12,6 +12,9 @@ Two kinds, one per training stage (see :mod:`llava_lens.toy.train`):
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Union
+
 import numpy as np
 import torch
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
@@ -21,6 +24,8 @@ from llava_lens.toy.scenes import COLORS, SHAPES, Scene, Style, make_qas, make_s
 MEAN = np.array(OPENAI_CLIP_MEAN, dtype=np.float32)
 STD = np.array(OPENAI_CLIP_STD, dtype=np.float32)
 COLOR_NAMES = tuple(COLORS)
+# A fixed style, or a function giving each scene seed its own style (``scenes.random_style``).
+StyleLike = Union[Style, Callable[[int], Style]]
 # A patch belongs to the object covering most of it, if that object covers at least this share.
 MIN_COVER = 0.15
 
@@ -30,20 +35,38 @@ def scene_seed(seed: int, step: int, index: int, batch_size: int) -> int:
     return (seed % 1024) * 2**40 + step * batch_size + index
 
 
-def pixels(images: list[np.ndarray]) -> torch.Tensor:
-    """CLIP-normalised ``[B, 3, H, W]`` pixels (what the CLIP image processor gives at native size)."""
-    arr = (np.stack(images).astype(np.float32) / 255.0 - MEAN) / STD
-    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+def style_of(style: StyleLike, seed: int) -> Style:
+    """The style scene ``seed`` is drawn in."""
+    return style if isinstance(style, Style) else style(seed)
 
 
-def patch_labels(scene: Scene, patch: int) -> np.ndarray:
+def pixels(images: list[np.ndarray], size: int | None = None) -> torch.Tensor:
+    """CLIP-normalised ``[B, 3, size, size]`` pixels, as the CLIP image processor gives them.
+
+    Square images of another size are resized (bicubic, antialiased, like the processor).
+    """
+    out = []
+    for image in images:
+        x = torch.from_numpy(image.astype(np.float32)).permute(2, 0, 1)[None]
+        if size is not None and image.shape[0] != size:
+            x = torch.nn.functional.interpolate(x, size=(size, size), mode="bicubic", antialias=True,
+                                                align_corners=False).clamp(0, 255).round()
+        out.append(x[0])
+    mean, std = torch.from_numpy(MEAN)[:, None, None], torch.from_numpy(STD)[:, None, None]
+    return ((torch.stack(out) / 255.0 - mean) / std).contiguous()
+
+
+def patch_labels(scene: Scene, patch: int, image_size: int | None = None) -> np.ndarray:
     """``[4, G*G]`` int64 labels per patch (row-major): shape, colour, row, column.
 
-    Shape is an index into ``SHAPES`` or ``len(SHAPES)`` for background; colour likewise into
-    ``COLOR_NAMES``. A patch belongs to the object covering most of it (at least ``MIN_COVER``).
+    ``G = image_size // patch`` (``image_size``: the model's input size, default the scene's); the
+    scene's canvas must be a multiple of ``G``. Shape is an index into ``SHAPES`` or ``len(SHAPES)``
+    for background; colour likewise into ``COLOR_NAMES``. A patch belongs to the object covering
+    most of it (at least ``MIN_COVER``).
     """
     size = scene.image.shape[0]
-    g = size // patch
+    g = (image_size or size) // patch
+    patch = size // g  # in canvas pixels
     shape = np.full(g * g, len(SHAPES))
     color = np.full(g * g, len(COLOR_NAMES))
     best = np.full(g * g, MIN_COVER)
@@ -59,17 +82,18 @@ def patch_labels(scene: Scene, patch: int) -> np.ndarray:
 class PatchBatches(torch.utils.data.Dataset):
     """Map-style dataset whose item ``step`` is the vision-pretraining batch of that step."""
 
-    def __init__(self, seed: int, batch_size: int, style: Style, patch: int):
+    def __init__(self, seed: int, batch_size: int, style: StyleLike, patch: int, image_size: int = 64):
         self.seed, self.batch_size, self.style, self.patch = seed, batch_size, style, patch
+        self.image_size = image_size
 
     def __len__(self) -> int:
         return 2**31
 
     def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
-        scenes = [make_scene(scene_seed(self.seed, step, i, self.batch_size), self.style)
-                  for i in range(self.batch_size)]
-        labels = torch.from_numpy(np.stack([patch_labels(s, self.patch) for s in scenes]))
-        return {"pixel_values": pixels([s.image for s in scenes]), "labels": labels}
+        seeds = [scene_seed(self.seed, step, i, self.batch_size) for i in range(self.batch_size)]
+        scenes = [make_scene(s, style_of(self.style, s)) for s in seeds]
+        labels = torch.from_numpy(np.stack([patch_labels(s, self.patch, self.image_size) for s in scenes]))
+        return {"pixel_values": pixels([s.image for s in scenes], self.image_size), "labels": labels}
 
 
 class QABatches(torch.utils.data.Dataset):
@@ -80,12 +104,13 @@ class QABatches(torch.utils.data.Dataset):
     ``scene_index [N]``, ``input_ids``/``attention_mask``/``labels`` ``[N, T]`` (right-padded).
     """
 
-    def __init__(self, processor, seed: int, batch_size: int, style: Style, extra: tuple[str, ...] = ()):
+    def __init__(self, processor, seed: int, batch_size: int, style: StyleLike, extra: tuple[str, ...] = ()):
         self.tok = processor.tokenizer
         self.extra = extra
         self.image_id = self.tok.convert_tokens_to_ids("<image>")
         self.seed, self.batch_size, self.style = seed, batch_size, style
-        self.n_image = (style.size // processor.patch_size) ** 2
+        self.image_size = processor.image_processor.crop_size["height"]
+        self.n_image = (self.image_size // processor.patch_size) ** 2
 
     def __len__(self) -> int:
         return 2**31
@@ -102,9 +127,10 @@ class QABatches(torch.utils.data.Dataset):
         ids, labels, images, index = [], [], [], []
         for k in range(self.batch_size):
             seed = scene_seed(self.seed, step, k, self.batch_size)
-            scene = make_scene(seed, self.style)
+            scene = make_scene(seed, style_of(self.style, seed))
             images.append(scene.image)
-            more = make_qas(np.random.default_rng(seed + 2**50), scene.objects, self.style.size) if self.extra else []
+            size = scene.image.shape[0]
+            more = make_qas(np.random.default_rng(seed + 2**50), scene.objects, size) if self.extra else []
             for qa in scene.qas + [qa for qa in more if qa.qtype in self.extra]:
                 x, y = self.encode(qa.question, qa.answer)
                 ids.append(x)
@@ -113,7 +139,7 @@ class QABatches(torch.utils.data.Dataset):
         width = max(map(len, ids))
         pad = self.tok.pad_token_id
         return {
-            "pixel_values": pixels(images),
+            "pixel_values": pixels(images, self.image_size),
             "scene_index": torch.tensor(index),
             "input_ids": torch.tensor([x + [pad] * (width - len(x)) for x in ids]),
             "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids]),

@@ -4,6 +4,11 @@ A scene is a small RGB canvas holding 1-4 objects, each with a distinct shape an
 colour (so every question below has exactly one right answer), on a noisy background with grey
 clutter specks. Every object keeps its boolean mask and bounding box; every QA pair records which
 object it asks about (``None`` for count questions). Everything is deterministic given the seed.
+
+:class:`Style` says how a scene is drawn (the default is the original dark, noisy 64-px renderer);
+:func:`random_style` draws a style per training scene so the model meets light, dark and coloured
+backgrounds, outlines and fills, small and large objects, several canvas sizes, textures, noise
+and anti-aliased or aliased edges.
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ COLORS = {
     "red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 90, 230), "yellow": (235, 220, 50),
     "purple": (150, 60, 200), "orange": (245, 140, 30), "white": (240, 240, 240), "cyan": (50, 210, 220),
 }
+# Object colours closer than this (RGB distance) to a scene's background are not used in that scene.
+MIN_CONTRAST = 100
+BACKGROUNDS = ("dark", "light", "colour")
 NUMBERS = ("zero", "one", "two", "three", "four")
 QTYPES = ("color", "shape", "count", "position", "exists")
 
@@ -29,7 +37,10 @@ class Style:
     """How a scene is drawn.
 
     Canvas size, object radius range (fraction of size), fill/outline, background texture,
-    background noise amplitude and number of clutter specks.
+    background noise amplitude and number of clutter specks. ``background`` is ``"dark"`` (a dark
+    grey, the original renderer), ``"light"`` (light grey to white) or ``"colour"`` (a random colour
+    far from every object colour). ``line_width`` is the outline width in pixels (0: ``size / 32``);
+    ``antialias`` draws soft edges (4x supersampled coverage) instead of hard ones.
     """
 
     size: int = 64
@@ -40,6 +51,9 @@ class Style:
     texture: bool = False
     noise: int = 10
     clutter: int = 6
+    background: str = "dark"
+    line_width: int = 0
+    antialias: bool = False
 
 
 @dataclass
@@ -99,11 +113,10 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def shape_mask(shape: str, size: int, cx: float, cy: float, r: float, outline: bool = False) -> np.ndarray:
-    """Boolean ``size x size`` mask of one shape centred at ``(cx, cy)`` with radius ``r``."""
+def _draw(shape: str, size: int, cx: float, cy: float, r: float, outline: bool, width: int) -> Image.Image:
     canvas = Image.new("L", (size, size), 0)
     draw = ImageDraw.Draw(canvas)
-    width = max(1, round(size / 32))
+    width = width or max(1, round(size / 32))
     fill, line = (None, 255) if outline else (255, None)
     if shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill, outline=line, width=width)
@@ -111,18 +124,53 @@ def shape_mask(shape: str, size: int, cx: float, cy: float, r: float, outline: b
         draw.polygon(_polygon(shape, cx, cy, r), outline=255, width=width)
     else:
         draw.polygon(_polygon(shape, cx, cy, r), fill=255)
-    return np.asarray(canvas) > 0
+    return canvas
 
 
-def _background(rng: np.random.Generator, style: Style) -> np.ndarray:
+def shape_mask(shape: str, size: int, cx: float, cy: float, r: float, outline: bool = False,
+               width: int = 0) -> np.ndarray:
+    """Boolean ``size x size`` mask of one shape centred at ``(cx, cy)`` with radius ``r``.
+
+    ``width`` is the outline width in pixels (0: ``size / 32``).
+    """
+    return np.asarray(_draw(shape, size, cx, cy, r, outline, width)) > 0
+
+
+def shape_coverage(shape: str, style: Style, cx: float, cy: float, r: float) -> np.ndarray:
+    """Float ``size x size`` share of each pixel the shape covers: 0/1 when aliased, soft edges when not."""
+    if not style.antialias:
+        return shape_mask(shape, style.size, cx, cy, r, style.outline, style.line_width).astype(np.float32)
+    k, s = 4, style.size  # draw 4x larger, then average each 4x4 block
+    width = k * (style.line_width or max(1, round(s / 32)))
+    big = _draw(shape, s * k, cx * k + (k - 1) / 2, cy * k + (k - 1) / 2, r * k, style.outline, width)
+    return np.asarray(big.resize((s, s), Image.Resampling.BOX), dtype=np.float32) / 255.0
+
+
+def _base_colour(rng: np.random.Generator, kind: str) -> tuple[int, int, int]:
+    """The background colour of a light or coloured scene (never close to an object colour)."""
+    if kind == "light":
+        g = int(rng.integers(185, 256))
+        return g, g, g
+    if kind != "colour":
+        raise ValueError(f"unknown background {kind!r}; expected one of {BACKGROUNDS}")
+    while True:
+        rgb = tuple(int(v) for v in rng.integers(0, 256, size=3))
+        if all(math.dist(rgb, c) >= MIN_CONTRAST for c in COLORS.values()):
+            return rgb
+
+
+def _background(rng: np.random.Generator, style: Style, base: Optional[tuple[int, int, int]] = None) -> np.ndarray:
     s = style.size
-    base = rng.integers(20, 45)
-    img = np.full((s, s, 3), base, dtype=np.int16)
+    if base is None:  # the original dark renderer (draws from ``rng`` exactly as it always did)
+        base = rng.integers(20, 45)
+    img = np.empty((s, s, 3), dtype=np.int16)
+    img[:] = base
     if style.texture:
         yy, xx = np.mgrid[0:s, 0:s]
         period = max(4, s // 8)
         stripes = ((xx + yy) // (period // 2)) % 2 if rng.random() < 0.5 else ((xx // period + yy // period) % 2)
-        img += (stripes[..., None] * rng.integers(25, 45)).astype(np.int16)
+        sign = -1 if np.mean(base) > 127 else 1  # darker stripes on a light canvas
+        img += (sign * stripes[..., None] * rng.integers(25, 45)).astype(np.int16)
     if style.noise:
         img += rng.integers(-style.noise, style.noise + 1, size=img.shape, dtype=np.int16)
     for _ in range(style.clutter):  # grey specks: never one of the named colours
@@ -212,14 +260,41 @@ def make_scene(seed: int, style: Style = Style()) -> Scene:
     n = int(rng.integers(style.min_objects, style.max_objects + 1))
     spots = _place(rng, style, n)
     shapes = rng.choice(SHAPES, size=len(spots), replace=False)
-    colors = rng.choice(list(COLORS), size=len(spots), replace=False)
-    image = _background(rng, style)
+    base = None
+    if style.background != "dark":  # its own stream, so that dark scenes stay what they always were
+        base = _base_colour(np.random.default_rng([seed, 1]), style.background)
+    palette = [c for c in COLORS if base is None or math.dist(COLORS[c], base) >= MIN_CONTRAST]
+    colors = rng.choice(palette, size=len(spots), replace=False)
+    image = _background(rng, style, base)
     objects = []
     for (cx, cy, r), shape, color in zip(spots, shapes, colors):
-        mask = shape_mask(str(shape), style.size, cx, cy, r, outline=style.outline)
-        image[mask] = COLORS[str(color)]
+        cover = shape_coverage(str(shape), style, cx, cy, r)
+        mask = cover >= 0.5
+        if style.antialias:
+            alpha = cover[..., None]
+            image[:] = np.round(image * (1 - alpha) + np.array(COLORS[str(color)]) * alpha).astype(np.uint8)
+        else:
+            image[mask] = COLORS[str(color)]
         objects.append(SceneObject(str(shape), str(color), (cx, cy), _bbox(mask), mask))
     return Scene(seed, image, objects, make_qas(rng, objects, style.size))
+
+
+def random_style(seed: int, sizes: tuple[int, ...] = (48, 64, 80, 96, 112, 128)) -> Style:
+    """The drawing style of training scene ``seed``: a deterministic random draw of every knob.
+
+    Backgrounds dark / light / coloured (40 / 30 / 30%), outlines 30%, large objects (radius up to a
+    quarter of the canvas: diameter up to half) 30%, texture 25%, anti-aliasing 50%, noise 0-25,
+    0-9 clutter specks, canvas ``sizes`` (multiples of 16 so the 8x8 patch grid divides them).
+    """
+    rng = np.random.default_rng([seed, 2])
+    size = int(rng.choice(sizes))
+    big = rng.random() < 0.3
+    return Style(
+        size=size, radius=(0.14, 0.25) if big else (0.08, 0.16), outline=bool(rng.random() < 0.3),
+        texture=bool(rng.random() < 0.25), noise=int(rng.integers(0, 26)), clutter=int(rng.integers(0, 10)),
+        background=str(rng.choice(BACKGROUNDS, p=[0.4, 0.3, 0.3])),
+        line_width=int(rng.integers(max(1, size // 48), size // 20 + 1)), antialias=bool(rng.random() < 0.5),
+    )
 
 
 def blank_image(size: int = 64) -> np.ndarray:

@@ -32,9 +32,9 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers import AutoProcessor
 
-from llava_lens.toy.batches import COLOR_NAMES, PatchBatches, QABatches
+from llava_lens.toy.batches import COLOR_NAMES, PatchBatches, QABatches, StyleLike
 from llava_lens.toy.build import BASE_WORDS, build_llava, word_tokenizer
-from llava_lens.toy.scenes import SHAPES, Style
+from llava_lens.toy.scenes import SHAPES, Style, random_style
 
 DEFAULT_OUT = Path(__file__).parent / "shapes-tiny"
 SIZES = dict(image_size=64, patch_size=8, vision_width=64, vision_layers=4, vision_heads=4,
@@ -99,7 +99,7 @@ class Stage:
     loss: Callable[[dict[str, torch.Tensor]], torch.Tensor]
 
 
-def stages(model, heads: PatchHeads, processor, args: argparse.Namespace, style: Style) -> list[Stage]:
+def stages(model, heads: PatchHeads, processor, args: argparse.Namespace, style: StyleLike) -> list[Stage]:
     """The vision-pretraining stage then the question-answering stage."""
     vision = list(model.model.vision_tower.parameters())
     language = [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower.")]
@@ -107,7 +107,8 @@ def stages(model, heads: PatchHeads, processor, args: argparse.Namespace, style:
     extra = tuple(filter(None, args.extra_qtypes.split(",")))
     return [
         Stage("vision", 0, v, vision + list(heads.parameters()), args.vision_lr, args.warmup,
-              PatchBatches(args.seed, args.vision_batch_size, style, processor.patch_size),
+              PatchBatches(args.seed, args.vision_batch_size, style, processor.patch_size,
+                           processor.image_processor.crop_size["height"]),
               lambda b: heads.loss(patch_features(model, b["pixel_values"]), b["labels"])),
         Stage("language", v, v + args.steps, language, args.lr, args.warmup,
               QABatches(processor, args.seed, args.batch_size, style, extra),
@@ -196,7 +197,8 @@ def train(args: argparse.Namespace) -> dict:
     resumed = args.resume and (ckpt / "state.json").is_file()
     if resumed:
         state = load_checkpoint(ckpt, model, heads)
-    for stage in stages(model, heads, processor, args, Style(size=sizes["image_size"])):
+    style = random_style if args.styles == "random" else Style(size=sizes["image_size"])
+    for stage in stages(model, heads, processor, args, style):
         if state["step"] >= stage.end:
             continue
         # Moments on disk belong to the stage that was running when the checkpoint was written.
@@ -207,7 +209,8 @@ def train(args: argparse.Namespace) -> dict:
     processor.save_pretrained(out)
     log = {"seed": args.seed, "steps": state["step"], "vision_steps": args.vision_steps,
            "vision_batch_size": args.vision_batch_size, "vision_lr": args.vision_lr,
-           "batch_size": args.batch_size, "extra_qtypes": args.extra_qtypes, "lr": args.lr, "sizes": sizes,
+           "batch_size": args.batch_size, "extra_qtypes": args.extra_qtypes, "lr": args.lr,
+           "styles": args.styles, "warmup": args.warmup, "sizes": sizes,
            "threads": args.threads,
            "seconds": round(state["seconds"], 1), "losses": state["losses"]}
     (out / "train_log.json").write_text(json.dumps(log, indent=1))
@@ -225,6 +228,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=12, help="scenes per stage-2 step (all their QA pairs)")
     p.add_argument("--extra-qtypes", default="position,exists",
                    help="question types asked twice per scene in stage 2 (comma-separated; '' for none)")
+    p.add_argument("--styles", choices=("random", "fixed"), default="random",
+                   help="random: every scene drawn in its own style (scenes.random_style); fixed: the original "
+                        "dark 64-px renderer")
     p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
