@@ -21,7 +21,7 @@ from typing import Any, Optional
 from llava_lens.errors import LlavaLensError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-DEMO_QUESTION = "What is in the image?"
+DEMO_QUESTION = "How many objects are there?"  # words the embedded model knows
 
 
 class _Parser(argparse.ArgumentParser):

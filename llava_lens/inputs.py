@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
@@ -14,6 +15,9 @@ from PIL import Image, UnidentifiedImageError
 from llava_lens.errors import ImageError, PromptError
 
 ImageLike = Union[str, Path, bytes, Image.Image, np.ndarray]
+
+# Vocabularies up to this size are listed in full in the unknown-words warning (word-level toys).
+LIST_VOCAB_UP_TO = 300
 
 # The LLaVA-1.5 conversation format, used when the processor has no chat template.
 LLAVA15_FORMAT = "USER: <image>\n{question} ASSISTANT:"
@@ -97,6 +101,41 @@ def build_prompt(processor: Any, question: str) -> str:
     return LLAVA15_FORMAT.format(question=question)
 
 
+class UnknownWordsWarning(UserWarning):
+    """The question has words the tokenizer maps to its unknown token: the model cannot read them."""
+
+
+def unknown_words(tokenizer: Any, text: str) -> list[str]:
+    """The pieces of ``text`` that ``tokenizer`` maps to its unknown token, in order, without repeats.
+
+    Empty for tokenizers without an unknown token (byte-level BPE never needs one). Uses the
+    tokenizer's own offsets, so what is reported is exactly the text it could not read.
+    """
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None:
+        return []
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    found = [text[a:b] for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]) if i == unk]
+    return list(dict.fromkeys(found))
+
+
+def warn_unknown_words(tokenizer: Any, question: str) -> list[str]:
+    """Warn once (one :class:`UnknownWordsWarning` per question) naming the words read as unknown.
+
+    Small vocabularies (up to ``LIST_VOCAB_UP_TO`` entries, the embedded model's included) are
+    listed in the warning so the user sees which words the model does know. Returns the words.
+    """
+    words = unknown_words(tokenizer, question)
+    if words:
+        vocab = sorted(w for w in tokenizer.get_vocab() if w not in tokenizer.all_special_tokens)
+        known = (f"; the words it knows: {' '.join(vocab)}" if len(vocab) <= LIST_VOCAB_UP_TO
+                 else "; see the tokenizer's vocabulary")
+        warnings.warn(f"the model's tokenizer does not know {', '.join(map(repr, words))} "
+                      f"(read as {tokenizer.unk_token!r}: the model cannot read them){known}",
+                      UnknownWordsWarning, stacklevel=3)
+    return words
+
+
 @dataclass
 class ModelInputs:
     """Processor output for one (image, question) pair, plus what it was made from."""
@@ -112,9 +151,15 @@ class ModelInputs:
 
 
 def prepare(processor: Any, image: ImageLike, question: str) -> ModelInputs:
-    """Validate ``image`` and ``question`` and run the processor on them."""
+    """Validate ``image`` and ``question`` and run the processor on them.
+
+    Words of ``question`` the tokenizer cannot read give an :class:`UnknownWordsWarning`.
+    """
     img = load_image(image)
     prompt = build_prompt(processor, question)
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is not None and getattr(tokenizer, "is_fast", False):
+        warn_unknown_words(tokenizer, question)
     try:
         out = processor(images=img, text=prompt, return_tensors="pt")
     except ValueError as err:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import (
     CLIPImageProcessor,
     CLIPVisionConfig,
@@ -43,8 +43,10 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
 
+# Lower case: the tokenizer lower-cases its input (so "USER:" of the prompt is "user" here, at the id
+# "USER" had before the normaliser existed).
 BASE_WORDS = (
-    "USER : ASSISTANT . , ? ! the a an is are what which how many of in on at to and or "
+    "user : assistant . , ? ! the a an is are what which how many of in on at to and or "
     "color colour shape object objects there yes no left right top bottom image describe "
     "red green blue yellow purple orange white black gray pink cyan brown "
     "circle square triangle star diamond cross hexagon heart one two three four five"
@@ -54,12 +56,16 @@ BASE_WORDS = (
 def word_tokenizer(words: Sequence[str] = BASE_WORDS) -> PreTrainedTokenizerFast:
     """A word-level fast tokenizer with LLaVA's special tokens (``<s>``, ``</s>``, ``<image>``...).
 
-    Words are split on whitespace and punctuation; unknown words map to ``<unk>``.
+    Text is lower-cased (a ``Lowercase`` normaliser, as uncased tokenizers do) and split on
+    whitespace and punctuation, so "What color is the square?" and "what color is the square ?"
+    give the same ids; unknown words map to ``<unk>``. Special tokens are matched before the
+    normaliser runs, so ``<image>`` stays one token.
     """
     vocab: dict[str, int] = {}
     for tok in (*SPECIAL_TOKENS, *words):
         vocab.setdefault(tok, len(vocab))
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.normalizer = normalizers.Lowercase()
     core.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
     )
