@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from transformers import AutoProcessor, LlavaForConditionalGeneration
+from transformers import AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
 from llava_lens.toy.scenes import COLORS, QTYPES, SHAPES, Style, blank_image, make_scene
 
@@ -111,6 +111,12 @@ def evaluate(model_dir: str | Path, n_scenes: int = 500, n_ood: int = 200, devic
     return table(results, chance)
 
 
+def card_vocabulary(model_dir: str | Path) -> list[str]:
+    """Every word (and punctuation mark) the model's tokenizer knows, special tokens left out."""
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    return sorted(w for w in tok.get_vocab() if w not in tok.all_special_tokens)
+
+
 def write_card(model_dir: str | Path, results_table: str, n_scenes: int, n_ood: int) -> Path:
     """Write the model card ``README.md`` from ``train_log.json`` and a measured accuracy table."""
     model_dir = Path(model_dir)
@@ -121,7 +127,14 @@ def write_card(model_dir: str | Path, results_table: str, n_scenes: int, n_ood: 
     sizes = ", ".join(f"{k}={v}" for k, v in log["sizes"].items())
     qa_steps = log["steps"] - log["vision_steps"]
     extra = " / ".join(filter(None, log["extra_qtypes"].split(","))) or "no"
-    text = CARD.format(seed=log["seed"], vision_steps=log["vision_steps"], vision_batch=log["vision_batch_size"],
+    styles = log.get("styles", "fixed")
+    command = (f"python -m llava_lens.toy.train --vision-steps {log['vision_steps']} --vision-batch-size "
+               f"{log['vision_batch_size']} --vision-lr {log['vision_lr']} --steps {qa_steps} --batch-size "
+               f"{log['batch_size']} --lr {log['lr']} --styles {styles}")
+    cpu = f" ({log['cpu_seconds'] / 60:.1f} CPU minutes)" if log.get("cpu_seconds") else ""
+    text = CARD.format(command=command, cpu=cpu, styles=STYLES_NOTE[styles],
+                       vocabulary=" ".join(card_vocabulary(model_dir)), seed=log["seed"],
+                       vision_steps=log["vision_steps"], vision_batch=log["vision_batch_size"],
                        vision_lr=log["vision_lr"], qa_steps=qa_steps, extra=extra,
                        batch=log["batch_size"], lr=log["lr"],
                        minutes=log["seconds"] / 60, sizes=sizes, curve=curve, table=results_table,
@@ -129,6 +142,14 @@ def write_card(model_dir: str | Path, results_table: str, n_scenes: int, n_ood: 
     (model_dir / "README.md").write_text(text)
     return model_dir / "README.md"
 
+
+STYLES_NOTE = {
+    "fixed": ("Every training scene is drawn\n  the same way: dark noisy 64-px canvas, filled shapes of "
+              "radius 10-16% of the canvas."),
+    "random": ("Every training scene is drawn\n  in its own random style (`scenes.random_style`): dark, "
+               "light or coloured background,\n  fills or outlines, radius 8-25% of the canvas, canvas "
+               "48-128 px, texture, noise, soft or hard edges."),
+}
 
 CARD = """# shapes-tiny
 
@@ -138,18 +159,35 @@ model) trained from scratch, in this repository, on procedural scenes of coloure
 ground-truth per-object masks, so attributions can be checked against the true answer region.
 
 - Sizes: {sizes}
-- Tokenizer: word level (`llava_lens.toy.build.word_tokenizer`); prompt `USER: <image>\\n{{question}} ASSISTANT:`
-- Training: `python -m llava_lens.toy.train` (defaults), seed {seed}, {minutes:.1f} minutes of wall-clock
-  time on a shared 2-core CPU ({threads} torch threads), in two stages:
+- Tokenizer: word level (`llava_lens.toy.build.word_tokenizer`), lower-cases its input and splits
+  punctuation from words, so "What color is the square?" reads as "what color is the square ?";
+  prompt `USER: <image>\\n{{question}} ASSISTANT:`. Any other word is read as `<unk>` (llava-lens
+  warns, naming it).
+- Training, seed {seed}, {minutes:.1f} minutes of wall-clock time{cpu} on a shared 2-core CPU
+  ({threads} torch threads):
+  `{command}`
+  in two stages:
   1. vision tower: {vision_steps} steps of {vision_batch} images, AdamW lr {vision_lr}; linear heads on the
      projector's input layer predict each patch's shape and colour (or background), row and column.
      The heads are training-only and not part of this model.
   2. projector + language model, vision tower frozen: {qa_steps} steps of {batch} scenes with all their
      question/answer pairs plus a second {extra} question each, AdamW lr {lr}, loss on the answer
      tokens only.
-  Both stages warm up then decay on a cosine; training scenes use seeds below 2**50.
+  Both stages warm up then decay on a cosine; training scenes use seeds below 2**50. {styles}
 - Answers are short sentences: "the triangle is red .", "there are three objects .",
   "yes , there is a red circle .", "the star is on the left .", "the red object is a circle .".
+
+## What it can answer
+
+Exactly the five question forms it was trained on, about pictures of one to four simple flat shapes
+(circle, square, triangle, star, diamond, cross) in eight colours (red, green, blue, yellow, purple,
+orange, white, cyan): "what color is the circle ?", "what shape is the red object ?",
+"how many objects are there ?", "is the star on the left or the right ?" / "is the star at the top
+or the bottom ?", "is there a red circle ?". Anything else (photos, other objects, other questions)
+gets an answer in one of these forms that means nothing.
+
+Vocabulary (every word the tokenizer knows; the model was trained on the subset above):
+{vocabulary}
 
 ## Training loss (running mean; vision: summed patch-label cross-entropy, language: answer tokens)
 

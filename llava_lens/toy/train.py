@@ -159,6 +159,7 @@ def run_stage(stage: Stage, model, heads, state: dict, args: argparse.Namespace,
     bar = tqdm(loader, total=stage.end - stage.start, initial=state["step"] - stage.start,
                desc=stage.name, mininterval=2)
     start, running = time.time() - state["seconds"], None
+    cpu_start = time.process_time() - state.get("cpu_seconds", 0.0)  # all threads of this process
     for batch in bar:
         step = state["step"]
         for g in opt.param_groups:
@@ -170,6 +171,7 @@ def run_stage(stage: Stage, model, heads, state: dict, args: argparse.Namespace,
         opt.step()
         running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
         state["step"], state["seconds"] = step + 1, time.time() - start
+        state["cpu_seconds"] = time.process_time() - cpu_start
         if (step + 1) % 50 == 0 or step + 1 == stage.end:
             state["losses"].append([step + 1, stage.name, round(running, 5)])
         bar.set_postfix(loss=f"{running:.4f}")
@@ -193,7 +195,7 @@ def train(args: argparse.Namespace) -> dict:
     heads = PatchHeads(sizes["vision_width"], sizes["image_size"] // sizes["patch_size"])
     model.to(args.device).train()
     heads.to(args.device)
-    state = {"step": 0, "losses": [], "seconds": 0.0}
+    state = {"step": 0, "losses": [], "seconds": 0.0, "cpu_seconds": 0.0}
     resumed = args.resume and (ckpt / "state.json").is_file()
     if resumed:
         state = load_checkpoint(ckpt, model, heads)
@@ -212,7 +214,8 @@ def train(args: argparse.Namespace) -> dict:
            "batch_size": args.batch_size, "extra_qtypes": args.extra_qtypes, "lr": args.lr,
            "styles": args.styles, "warmup": args.warmup, "sizes": sizes,
            "threads": args.threads,
-           "seconds": round(state["seconds"], 1), "losses": state["losses"]}
+           "seconds": round(state["seconds"], 1), "cpu_seconds": round(state.get("cpu_seconds", 0.0), 1),
+           "losses": state["losses"]}
     (out / "train_log.json").write_text(json.dumps(log, indent=1))
     return log
 
