@@ -70,3 +70,16 @@ def test_loading_by_name_gives_the_same_model(toy_lens):
     other = ll.load("shapes-tiny", device="cpu")
     a, b = toy_lens.hf_model.state_dict(), other.hf_model.state_dict()
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+def test_target_report_verdicts():
+    """Met/missed lines of the issue-#19 targets, checked by hand."""
+    from llava_lens.toy.evaluate import target_report
+
+    lines = target_report({"held-out": {"color": 0.99, "shape": 0.90, "overall": 0.93},
+                           "light bg": {"color": 0.80}, "outlines": {"color": 0.85},
+                           "blank image": {"overall": 0.45}, "_chance": {"overall": 0.30}})
+    assert lines == ["held-out color 99.0 >= 97: met", "held-out shape 90.0 >= 95: MISSED by 5.0 points",
+                     "held-out overall 93.0 >= 92: met", "outlines color 85.0 >= 85: met",
+                     "light bg color 80.0 >= 85: MISSED by 5.0 points",
+                     "blank image overall 45.0 <= chance + 10 = 40.0: MISSED by 5.0 points"]

@@ -126,3 +126,35 @@ def test_training_pixels_match_the_processor(tiny_run):
     theirs = processor.image_processor([Image.fromarray(i) for i in images], return_tensors="pt")["pixel_values"]
     torch.testing.assert_close(ours, theirs, atol=2e-2, rtol=0)
     assert np.abs((ours - theirs).numpy()).mean() < 2e-3
+
+
+def test_random_style_batches_resize_every_canvas_to_the_model_input(tiny_run):
+    """Canvases of 48-128 px reach the model as the processor would give them, with labels on its grid."""
+    processor = AutoProcessor.from_pretrained(tiny_run[0])  # 32-px model, 4x4 patch grid
+    from llava_lens.toy.scenes import random_style
+    seeds = [s for s in range(40) if random_style(s).size != 32][:6]
+    images = [make_scene(s, random_style(s)).image for s in seeds]
+    assert len({im.shape[0] for im in images}) > 2
+    ours = pixels(images, 32)
+    theirs = processor.image_processor([Image.fromarray(i) for i in images], return_tensors="pt")["pixel_values"]
+    assert ours.shape == theirs.shape == (6, 3, 32, 32)
+    assert np.abs((ours - theirs).numpy()).mean() < 0.01  # resampling filters differ only slightly (measured ~0.003)
+    batch = PatchBatches(0, 5, random_style, 8, 32)[1]
+    assert batch["pixel_values"].shape == (5, 3, 32, 32) and batch["labels"].shape == (5, 4, 16)
+    qa = QABatches(processor, 0, 3, random_style)[1]
+    n_image = (qa["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<image>")).sum(1)
+    assert qa["pixel_values"].shape[1:] == (3, 32, 32) and (n_image == 16).all()
+
+
+def test_patch_labels_on_a_larger_canvas_match_the_downscaled_grid():
+    """A 128-px scene labelled on the 8x8 grid of a 64-px model: label = object covering most of the cell."""
+    style = Style(size=128)
+    scene = next(s for s in (make_scene(k, style) for k in range(50)) if len(s.objects) >= 3)
+    shape = patch_labels(scene, 8, 64)[0]
+    for obj in scene.objects:
+        r, c = int(obj.center[1]) // 16, int(obj.center[0]) // 16
+        assert SHAPES[shape[r * 8 + c]] == obj.shape
+    covered = np.zeros(64, bool)
+    for obj in scene.objects:
+        covered |= obj.mask.reshape(8, 16, 8, 16).any((1, 3)).reshape(-1)
+    assert (shape[~covered] == len(SHAPES)).all()

@@ -266,10 +266,13 @@ def make_scene(seed: int, style: Style = Style()) -> Scene:
     palette = [c for c in COLORS if base is None or math.dist(COLORS[c], base) >= MIN_CONTRAST]
     colors = rng.choice(palette, size=len(spots), replace=False)
     image = _background(rng, style, base)
-    objects = []
+    objects, taken = [], np.zeros((style.size, style.size), bool)
     for (cx, cy, r), shape, color in zip(spots, shapes, colors):
         cover = shape_coverage(str(shape), style, cx, cy, r)
         mask = cover >= 0.5
+        if (cover > 0)[taken].any():  # a square's corners reach past r: never let objects touch
+            continue
+        taken |= cover > 0
         if style.antialias:
             alpha = cover[..., None]
             image[:] = np.round(image * (1 - alpha) + np.array(COLORS[str(color)]) * alpha).astype(np.uint8)
