@@ -243,8 +243,9 @@ def print_case(row: dict, n_new: int) -> None:
     print(f"| weights (safetensors) | {_fmt(row['weights'])} | | |")
     print(f"| `llava-lens trace` exit | rc {cli.rc} after {cli.seconds:.0f} s wall, {cli.cpu:.0f} s CPU | | "
           f"{cli.note} |")
-    print(f"| bytes written under OUT | {_fmt(row['out_total'])} | <= {_fmt(OUT_TARGET[row['name']])} | "
-          f"{_check(row['out_total'], OUT_TARGET[row['name']])} |")
+    written = row["out_total"] if cli.rc == 0 else None  # a killed run's partial output measures nothing
+    print(f"| bytes written under OUT | {_fmt(written)} | <= {_fmt(OUT_TARGET[row['name']])} | "
+          f"{_check(written, OUT_TARGET[row['name']])} |")
     print(f"| peak RSS of the process | {_fmt(peak)} | | |")
     print(f"| peak above weights | {_fmt(above)} | <= {_fmt(PEAK_TARGET)} | {_check(above, PEAK_TARGET)} |")
     print(f"| prefill / s per generated step (`LlavaLens.step`, default capture), wall | {row['prefill_s']:.2f} s / "
