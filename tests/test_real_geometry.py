@@ -85,7 +85,7 @@ def test_trace_equals_hf_generate_and_no_cache_recompute(name, real):
     assert fast.steps[0].logits.shape == (32064,)
     check_steps_equal_recompute(lens, fast, image, QUESTION, steps=[0, 1])
     extra = ["blocks.1.hook_mlp_out"]  # a non-default capture forces every forward through the bridge
-    bridge = lens.trace(image, QUESTION, max_new_tokens=2, capture=extra)
+    bridge = lens.trace(image, QUESTION, max_new_tokens=2, capture=extra, attention_dtype=torch.float32)
     assert bridge.token_ids == fast.token_ids[:2]
     for a, b in zip(bridge.steps, fast.steps):
         torch.testing.assert_close(a.attention, b.attention, atol=1e-5, rtol=0)
