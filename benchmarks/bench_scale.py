@@ -170,7 +170,8 @@ def render(report: Path, mem_limit: float, timeout: float) -> tuple[Watched, str
 
 
 def size_formulas(config, n_prompt: int, n_new: int, n_tiles: int) -> list[tuple[str, str, float]]:
-    """(tensor, formula, bytes at fp32) of each tensor a default ``llava-lens trace`` stores."""
+    """(tensor, formula, bytes at fp32) of each full capture: per-step rows and residuals, and the
+    prefill's patterns and residuals (what ``prefill_cache=True`` stored before the PrefillSummary)."""
     t, v = config.text_config, config.vision_config
     L, H, d, vocab = t.num_hidden_layers, t.num_attention_heads, t.hidden_size, t.vocab_size
     V, Hv, dv, P = v.num_hidden_layers, v.num_attention_heads, v.hidden_size, (v.image_size // v.patch_size) ** 2 + 1
@@ -258,7 +259,8 @@ def print_case(row: dict, n_new: int) -> None:
           f"<= {RENDER_TARGET:.0f} s | {_check(render_s, RENDER_TARGET)} {ren.note} |")
     print(f"| canvases | {row['canvases']} | none of zero size | |")
     print("\nlargest files: " + ", ".join(f"`{p}` {_fmt(s)}" for s, p in row["largest"]))
-    print(f"\nstored tensors at fp32 (T = {row['n_prompt']} prompt tokens, N = {n_new} steps):\n")
+    print(f"\nfull captures at fp32 (T = {row['n_prompt']} prompt tokens, N = {n_new} steps; what a trace keeps "
+          "with the prefill patterns asked for; the default may keep less: fp16 rows, a prefill summary):\n")
     print("| tensor | formula | bytes |\n|---|---|---:|")
     for tensor, formula, size in size_formulas(row["config"], row["n_prompt"], n_new, row["n_tiles"]):
         print(f"| {tensor} | {formula} | {_fmt(size)} |")
