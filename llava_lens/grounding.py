@@ -9,7 +9,8 @@ Maps (each ``[S, rows, cols]``):
 - :func:`attention_map_mean`: LLM attention to image positions, mean over heads and layers.
 - :func:`attention_map_max`: max over heads, mean over layers.
 - :func:`vlm_visualizer_map`: VLM-Visualizer's combination: each image token's ViT attention
-  map, weighted by the LLM's attention to that token (base grid only).
+  map, weighted by the LLM's attention to that token (base grid only; first token zeroed per
+  layer as in the original, or kept with ``drop_first_token=False``).
 - :func:`vit_rollout_map`: ViT attention rollout (Abnar & Zuidema 2020), prompt-independent.
 
 :func:`paint` puts per-position values on an image-sized array via ``VisionSpan.boxes``.
@@ -138,18 +139,41 @@ def _base_feature_positions(span: VisionSpan) -> torch.Tensor:
     return sel[order.argsort()]
 
 
-def vlm_visualizer_map(trace: Trace, layers: Optional[Sequence[int]] = None) -> torch.Tensor:
+def _first_token_dropped(trace: Trace, layers: Optional[Sequence[int]]) -> torch.Tensor:
+    """``[S, len(layers), n]``: head-mean attention with key 0 zeroed and rows renormalised, on image keys.
+
+    VLM-Visualizer's per-layer step: the first token (``<s>``) soaks up attention ("null
+    attention"), so it is removed and each layer's row rescaled to sum 1 before layers are averaged.
+    """
+    _check_attention(trace)
+    sel = _layers(trace, layers)
+    out = []
+    for step in trace.steps:  # steps have different numbers of keys
+        rows = step.attention[sel].float().mean(1)  # [layers, keys]
+        rows[:, 0] = 0
+        rows = rows / rows.sum(-1, keepdim=True).clamp_min(1e-12)
+        out.append(rows[:, trace.vision_span.positions])
+    return torch.stack(out)
+
+
+def vlm_visualizer_map(trace: Trace, layers: Optional[Sequence[int]] = None,
+                       drop_first_token: bool = True) -> torch.Tensor:
     """``[S, rows, cols]`` on the base grid: VLM-Visualizer's LLM x ViT attention combination.
 
-    The LLM's attention on each base-grid image token (mean over heads and ``layers``,
-    renormalised over those tokens) weights that token's ViT attention map (mean over heads and
-    the layers feeding the projector, CLS dropped, rows renormalised); the weighted maps are
-    summed and scaled to max 1.
+    The LLM's attention on each base-grid image token (per layer: mean over heads, the first
+    token's attention zeroed and the row renormalised as VLM-Visualizer does; then mean over
+    ``layers``; renormalised over those image tokens) weights that token's ViT attention map (mean
+    over heads and the layers feeding the projector, CLS dropped, rows renormalised); the weighted
+    maps are summed and scaled to max 1. ``drop_first_token=False`` skips the first-token step
+    (llava-lens before 2.0: correlation >= 0.99 with the original on the embedded model).
     """
     vit = vit_attention(trace)[:, 1:, 1:]  # [V, P, P], CLS dropped
     vit = (vit / vit.sum(-1, keepdim=True)).mean(0)
     idx = _base_feature_positions(trace.vision_span)
-    llm = image_attention(trace, layers).mean(2).mean(1)[:, idx]  # [S, P]
+    if drop_first_token:
+        llm = _first_token_dropped(trace, layers).mean(1)[:, idx]  # [S, P]
+    else:
+        llm = image_attention(trace, layers).mean(2).mean(1)[:, idx]  # [S, P]
     llm = llm / llm.sum(-1, keepdim=True).clamp_min(1e-12)
     combined = llm @ vit  # [S, P]
     combined = combined / combined.amax(-1, keepdim=True).clamp_min(1e-12)
@@ -184,6 +208,7 @@ MAPS = {
     "llm_mean": attention_map_mean,
     "llm_max": attention_map_max,
     "vlm_visualizer": vlm_visualizer_map,
+    "vlm_visualizer_keep_first": lambda trace, layers=None: vlm_visualizer_map(trace, layers, drop_first_token=False),
     "vit_rollout": lambda trace, layers=None: vit_rollout_map(trace),
 }
 """Named map functions ``f(trace, layers=None) -> [S, rows, cols]`` on the base grid."""

@@ -19,7 +19,8 @@ from llava_lens.analysis import (
 )
 from llava_lens.analysis.contrastive import contrastive_maps
 from llava_lens.analysis.knockout import knockout_windows, plot_knockout
-from llava_lens.analysis.scoring import auc, deletion_insertion, masked_images, patch_chance, patch_order
+from llava_lens.analysis.metrics import auc, patch_chance
+from llava_lens.analysis.rescoring import deletion_insertion, masked_images, patch_order
 
 
 def test_pointing_and_energy_hand_checked():
@@ -139,7 +140,7 @@ def test_plots_write_files(lens, prefill_trace, tmp_path, image):
 
 
 def test_deletion_insertion_endpoints(lens, prefill_trace):
-    from llava_lens.analysis.scoring import answer_probs
+    from llava_lens.analysis.rescoring import answer_probs
 
     image = np.asarray(prefill_trace.image)
     rows, cols = prefill_trace.vision_span.grids[0]
@@ -149,3 +150,147 @@ def test_deletion_insertion_endpoints(lens, prefill_trace):
     assert di.deletion[0] == pytest.approx(float(full[0]), rel=1e-4)  # nothing deleted = original
     assert di.insertion[1] == pytest.approx(float(full[0]), rel=1e-4)  # everything inserted = original
     assert di.deletion[1] == pytest.approx(float(di.insertion[0]), rel=1e-4)  # both = blank canvas
+
+
+# ------------------------------------------------ TAM metrics, localization heads, evaluation options
+
+
+def test_otsu_obj_iou_func_iou_against_hand_masks():
+    from llava_lens.analysis.metrics import func_iou, iou_f1, obj_iou, otsu_threshold
+
+    heat = torch.zeros(4, 4)
+    heat[:2, :2] = 1.0  # a bimodal map: Otsu separates 0 from 1
+    heat[3, 3] = 0.2
+    assert 0 <= otsu_threshold(heat) < 1.0 and otsu_threshold(heat) >= 0.2
+    mask = np.zeros((4, 4), bool)
+    mask[:2, :3] = True  # 6 pixels; prediction = the 4 pixels of value 1, all inside
+    assert obj_iou(heat, mask) == pytest.approx(4 / 6)
+    mask[:, :] = False
+    mask[2:, 2:] = True  # disjoint from the prediction
+    assert obj_iou(heat, mask) == 0.0
+    assert obj_iou(torch.ones(4, 4), mask) == 0.0  # a flat map predicts nothing
+    # Func-IoU: share of a function word's pixels below the content map's threshold (1/3 here)
+    # levels 0, 51, 255: {0} | {51, 255} has between-class variance 5202, {0, 51} | {255} 11704
+    content = torch.tensor([[0.0, 0.2, 1.0]])
+    assert otsu_threshold(content) == pytest.approx(0.2)
+    function = torch.tensor([[0.0, 0.1, 1.0]])  # 2 of 3 pixels below 0.2
+    assert func_iou([function], [content]) == pytest.approx(2 / 3)
+    assert func_iou([function, torch.zeros(1, 3)], [content]) == pytest.approx((2 / 3 + 1.0) / 2)
+    assert math.isnan(func_iou([], [content]))
+    assert iou_f1(0.5, 1.0) == pytest.approx(2 / 3) and iou_f1(0, 0) == 0
+
+
+def test_otsu_matches_a_brute_force_search():
+    from llava_lens.analysis.metrics import otsu_threshold
+
+    rng = np.random.default_rng(3)
+    values = np.concatenate([rng.normal(0.2, 0.05, 50), rng.normal(0.7, 0.1, 30)]).clip(0, 1)
+    levels = np.round((values - values.min()) / (values.max() - values.min()) * 255)
+    best, best_t = -1.0, 0
+    for t in range(255):  # between-class variance of {<= t} vs {> t}, by brute force
+        lo, hi = levels[levels <= t], levels[levels > t]
+        if len(lo) and len(hi):
+            var = len(lo) * len(hi) / len(levels) ** 2 * (lo.mean() - hi.mean()) ** 2
+            if var > best:
+                best, best_t = var, t
+    assert otsu_threshold(torch.tensor(values)) == pytest.approx(best_t / 255)
+
+
+def test_components_and_spatial_entropy_by_hand():
+    from llava_lens.analysis.localization import connected_components, elbow_index, spatial_entropy
+
+    fg = torch.tensor([[1, 0, 0, 1], [0, 1, 0, 1], [0, 0, 0, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    labels = connected_components(fg)  # diagonal neighbours join (8-connectivity)
+    assert labels.tolist() == [[1, 0, 0, 2], [0, 1, 0, 2], [0, 0, 0, 0], [3, 3, 0, 0]]
+    grid = torch.zeros(4, 4)
+    grid[0, 0] = 1.0
+    assert spatial_entropy(grid) == pytest.approx(0.0)  # one blob
+    grid[3, 3] = 1.0
+    assert spatial_entropy(grid) == pytest.approx(math.log(2))  # two equal blobs
+    grid[3, 3] = 3.0  # excess over the mean 0.25: 0.75 and 2.75
+    p = torch.tensor([0.75, 2.75]) / 3.5
+    assert spatial_entropy(grid) == pytest.approx(float(-(p * p.log()).sum()), rel=1e-5)
+    assert spatial_entropy(torch.ones(4, 4)) == math.inf
+    assert elbow_index([10, 9, 2, 1.5, 1, 0.5]) == 2
+
+
+def _planted_traces(trace, n, planted, rng):
+    """``n`` copies of ``trace`` with made-up step-0 attention; head ``planted`` looks at one patch.
+
+    Every other head splits its image attention between two patches of the first and last grid
+    rows (two components: spatial entropy log 2) and puts a random share on text.
+    """
+    import copy
+    import dataclasses
+
+    span = trace.vision_span
+    pos = span.positions
+    rows, cols = span.grids[0]
+    first = (span.row == 0).nonzero().flatten()
+    last = (span.row == rows - 1).nonzero().flatten()
+    out = []
+    for _ in range(n):
+        att = torch.rand(trace.steps[0].attention.shape, generator=rng)
+        att[..., pos] = 0.0
+        a = int(first[torch.randint(len(first), (1,), generator=rng)])
+        b = int(last[torch.randint(len(last), (1,), generator=rng)])
+        att[..., pos[a]] = att[..., pos[b]] = 2.0 * torch.rand(att.shape[:2], generator=rng)
+        target = int(torch.randint(len(pos), (1,), generator=rng))
+        la, h = planted
+        att[la, h] = 0.001
+        att[la, h, pos[target]] = 1.0
+        att = att / att.sum(-1, keepdim=True)
+        t = copy.copy(trace)
+        t.steps = [dataclasses.replace(trace.steps[0], attention=att)] + trace.steps[1:]
+        out.append(t)
+    return out
+
+
+def test_head_selection_recovers_a_planted_head(prefill_trace, tmp_path):
+    from llava_lens.analysis.localization import (
+        HeadSelection,
+        LocalizationHeads,
+        localization_heads_map,
+        select_localization_heads,
+    )
+
+    rng = torch.Generator().manual_seed(0)
+    n_layers = prefill_trace.info.n_layers
+    planted = (n_layers - 1, 2)
+    traces = _planted_traces(prefill_trace, 12, planted, rng)
+    sel = select_localization_heads(traces, HeadSelection(skip_layers=n_layers - 1, top_k=1, votes_per_sample=1))
+    assert sel.heads == [planted]
+    assert planted in sel.candidates and sel.votes[planted[0]][planted[1]] == 12
+    assert all(v == 0 for la, row in enumerate(sel.votes) for h, v in enumerate(row) if (la, h) != planted)
+    both = select_localization_heads(traces, HeadSelection(skip_layers=0, top_k=2))
+    assert both.heads[0] == planted  # also among every layer's heads
+    path = sel.save(tmp_path / "heads.json")
+    again = LocalizationHeads.load(path)
+    assert again.heads == sel.heads and again.options == sel.options and again.votes == sel.votes
+    # the map of one head without smoothing is its attention on the grid
+    grid = localization_heads_map(traces[0], [planted], sigma=0)[0]
+    want = traces[0].vision_span.to_grid(traces[0].steps[0].attention[planted][traces[0].vision_span.positions])
+    torch.testing.assert_close(grid, want)
+
+
+def test_bad_calibration_and_overlapping_splits_are_one_line_errors(lens, tmp_path):
+    from llava_lens.analysis.evaluation import EvalOptions, EvaluationError, _check
+    from llava_lens.analysis.localization import HeadSelectionError, LocalizationHeads, select_localization_heads
+    from llava_lens.errors import LlavaLensError
+
+    with pytest.raises(HeadSelectionError, match="empty"):
+        select_localization_heads([])
+    with pytest.raises(EvaluationError, match="overlap"):
+        _check(EvalOptions(scenes=100, seed=0, calibration=50, calibration_seed=90))
+    _check(EvalOptions(scenes=100, seed=0, calibration=50, calibration_seed=100))
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(LlavaLensError, match="cannot read"):
+        LocalizationHeads.load(tmp_path / "bad.json")
+
+
+def test_emergence_is_the_start_of_the_last_top1_run():
+    from llava_lens.analysis.emergence import emergence_layers
+
+    ranks = torch.tensor([[0, 3, 1], [2, 0, 0], [0, 0, 4], [0, 0, 0]])  # [L=4, S=3]
+    assert emergence_layers(ranks) == [2, 1, 3]
+    assert emergence_layers(torch.tensor([[0], [1]])) == [-1]
