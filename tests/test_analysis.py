@@ -294,3 +294,20 @@ def test_emergence_is_the_start_of_the_last_top1_run():
     ranks = torch.tensor([[0, 3, 1], [2, 0, 0], [0, 0, 4], [0, 0, 0]])  # [L=4, S=3]
     assert emergence_layers(ranks) == [2, 1, 3]
     assert emergence_layers(torch.tensor([[0], [1]])) == [-1]
+
+
+@pytest.mark.parametrize("which", ["lens", "next_lens"])
+def test_token_probs_match_one_hf_forward_per_image(which, request, image):
+    from llava_lens.analysis.rescoring import token_probs
+
+    lens = request.getfixturevalue(which)
+    other = image[::-1].copy()
+    question, tokens = "what color is the circle ?", [5, 9, 11]
+    got = token_probs(lens, [image, other], question, tokens)
+    for i, im in enumerate([image, other]):
+        inputs, _ = lens.prepare(im, question)
+        ids = torch.cat([inputs.input_ids, torch.tensor([tokens[:-1]])], 1)
+        with torch.no_grad():
+            logits = lens.hf_model(input_ids=ids, pixel_values=inputs.pixel_values, **inputs.extra).logits[0]
+        want = logits[inputs.input_ids.shape[1] - 1:].softmax(-1)[torch.arange(3), tokens]
+        torch.testing.assert_close(got[i], want, rtol=1e-4, atol=1e-6)

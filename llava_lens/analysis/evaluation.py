@@ -112,26 +112,43 @@ def _trace(lens: Any, ex: Example, prefill_cache: bool) -> tuple[Any, Optional[i
     return trace, answer_step(trace, ex.word)
 
 
+def _calibration_traces(lens: Any, n: int, seed: int, qtypes: Sequence[str], progress: bool) -> list[tuple]:
+    cal = examples(n, seed, qtypes)
+    return [(ex, *_trace(lens, ex, False)) for ex in progress_bar(cal, "calibration", progress)]
+
+
+def _select(traced: Sequence[tuple], selection: HeadSelection) -> LocalizationHeads:
+    """Heads from ``(example, trace, answer step)`` triples; ``selection.step=None``: at the answer step."""
+    if selection.step is not None:
+        return select_localization_heads([t for _, t, _ in traced], selection)
+    answered = [(t, s) for _, t, s in traced if s is not None]
+    if not answered:
+        raise EvaluationError("no calibration scene was answered correctly: no answer step to read")
+    return select_localization_heads([t for t, _ in answered], selection, steps=[s for _, s in answered])
+
+
+def calibration_heads(lens: Any, n: int = 50, seed: int = HELD_OUT_BASE + 20_000, qtypes: Sequence[str] = ("color",),
+                      selection: Optional[HeadSelection] = None, progress: bool = False) -> LocalizationHeads:
+    """Localization heads selected on ``n`` embedded-model calibration scenes (``seed + k``).
+
+    ``selection.step = None`` reads each scene at the step generating its answer word (scenes the
+    model answers wrongly are left out); otherwise at that step (0: the last prompt token).
+    """
+    return _select(_calibration_traces(lens, n, seed, qtypes, progress), selection or HeadSelection())
+
+
 def select_heads(lens: Any, options: EvalOptions) -> dict[str, HeadSets]:
     """Localization heads of every :data:`HEAD_METHODS` variant, from the calibration split."""
     if options.calibration <= 0:
         return {"localization_heads": options.heads} if options.heads else {}
-    cal = examples(options.calibration, options.calibration_seed, options.qtypes)
-    traced = [(ex, *_trace(lens, ex, False)) for ex in progress_bar(cal, "calibration", options.progress)]
-    answered = [(ex, t, s) for ex, t, s in traced if s is not None]
-    sel = options.selection
-    heads: dict[str, HeadSets] = {
-        "localization_heads": options.heads or select_localization_heads([t for _, t, _ in traced], sel),
-        "localization_heads_answer": select_localization_heads([t for _, t, _ in answered], sel,
-                                                               steps=[s for _, _, s in answered]),
-    }
-    per_type = {}
-    for qt in options.qtypes:
-        mine = [(t, s) for ex, t, s in answered if ex.qtype == qt]
-        if mine:
-            per_type[qt] = select_localization_heads([t for t, _ in mine], sel, steps=[s for _, s in mine])
-    heads["localization_heads_per_type"] = per_type
-    return heads
+    traced = _calibration_traces(lens, options.calibration, options.calibration_seed, options.qtypes,
+                                 options.progress)
+    at_answer = replace(options.selection, step=None)
+    per_type = {qt: _select(mine, at_answer) for qt in options.qtypes
+                if (mine := [x for x in traced if x[0].qtype == qt and x[2] is not None])}
+    return {"localization_heads": options.heads or _select(traced, options.selection),
+            "localization_heads_answer": _select(traced, at_answer),
+            "localization_heads_per_type": per_type}
 
 
 def _score_map(maps: torch.Tensor, trace: Any, ex: Example, step: int) -> dict:
@@ -183,8 +200,11 @@ def _check(options: EvalOptions) -> None:
 def evaluate_grounding(lens: Any, options: Optional[EvalOptions] = None, **overrides: Any) -> GroundingResult:
     """Score every map method on held-out embedded-model scenes (see the module docstring).
 
-    ``overrides`` replace fields of ``options`` (e.g. ``scenes=50, qtypes=("color", "shape")``).
+    ``overrides`` replace fields of ``options`` (e.g. ``scenes=50, qtypes=("color", "shape")``;
+    ``n_scenes`` is the old name of ``scenes``).
     """
+    if "n_scenes" in overrides:
+        overrides["scenes"] = overrides.pop("n_scenes")
     options = replace(options or EvalOptions(), **overrides)
     _check(options)
     heads = select_heads(lens, options)

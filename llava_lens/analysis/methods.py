@@ -33,7 +33,8 @@ HEAD_METHODS = {
 """Localization-head variants: name -> how their heads were selected (see ``evaluation.select_heads``)."""
 
 METHODS = ("llm_mean", "llm_max", "llm_mean_no_sinks", "vlm_visualizer", "vlm_visualizer_keep_first",
-           "vit_rollout", "contrastive_llm_mean", "occlusion", *HEAD_METHODS, "tam", "tam_no_eci", "random")
+           "vit_rollout", "contrastive_llm_mean", "occlusion", *HEAD_METHODS,
+           "tam", "tam_no_eci", "tam_no_filter", "random")
 """Every method :func:`build_methods` knows, in table order."""
 
 
@@ -92,6 +93,7 @@ def build_methods(lens: Any, names: Optional[Sequence[str]] = None,
         "occlusion": Method(lambda t, layers, e: occlusion_map(lens, t)),
         "tam": Method(lambda t, layers, e: tam_map(lens, t)),
         "tam_no_eci": Method(lambda t, layers, e: tam_map(lens, t, use_eci=False)),
+        "tam_no_filter": Method(lambda t, layers, e: tam_map(lens, t, rank_filter=False)),
         "random": Method(lambda t, layers, e: random_map(t, seed=e.index)),
     }
     table.update({name: Method(_heads_fn(sel)) for name, sel in heads.items()})

@@ -57,17 +57,24 @@ def token_probs(lens: Any, images: Sequence[np.ndarray], question: str, token_id
                 batch_size: int = 64) -> torch.Tensor:
     """``[len(images), len(token_ids)]``: probability of each ``token_ids[s]`` given prompt + ``token_ids[:s]``.
 
-    Teacher-forced: one forward of ``lens.hf_model`` per batch of images, no generation.
+    Teacher-forced: one processor call and one forward of ``lens.hf_model`` per batch of images, no
+    generation (the processor's extra outputs, e.g. LLaVA-NeXT's ``image_sizes``, are passed on).
     """
-    probs = []
+    from llava_lens.inputs import build_prompt, load_image
+
+    prompt = build_prompt(lens.processor, question)
     tokens = torch.tensor([list(token_ids)], dtype=torch.long)
+    probs = []
     for start in range(0, len(images), batch_size):
-        enc = [lens.prepare(im, question)[0] for im in images[start:start + batch_size]]
-        n_prompt = enc[0].input_ids.shape[1]
-        ids = torch.cat([torch.cat([e.input_ids, tokens[:, :-1]], 1) for e in enc]).to(lens.device)
-        pix = torch.cat([e.pixel_values for e in enc]).to(lens.device, lens.dtype)
-        logits = lens.hf_model(input_ids=ids, pixel_values=pix).logits[:, n_prompt - 1:].float()
-        index = tokens.expand(len(enc), -1)[..., None].to(lens.device)
+        batch = [load_image(im) for im in images[start:start + batch_size]]
+        enc = lens.processor(images=batch, text=[prompt] * len(batch), return_tensors="pt")
+        n_prompt = enc["input_ids"].shape[1]
+        ids = torch.cat([enc["input_ids"], tokens[:, :-1].expand(len(batch), -1)], 1).to(lens.device)
+        extra = {k: v.to(lens.device) for k, v in enc.items()
+                 if k not in ("input_ids", "pixel_values", "attention_mask")}
+        pix = enc["pixel_values"].to(lens.device, lens.dtype)
+        logits = lens.hf_model(input_ids=ids, pixel_values=pix, **extra).logits[:, n_prompt - 1:].float()
+        index = tokens.expand(len(batch), -1)[..., None].to(lens.device)
         probs.append(logits.softmax(-1).gather(-1, index)[..., 0].cpu())
     return torch.cat(probs)
 
