@@ -188,7 +188,7 @@ def test_tam_on_next_and_without_prefill(lens_traces):
     assert tam_map(lens, trace).shape == (len(trace.steps), r0, c0)
     assert tam_map(lens, trace, tile=1).shape == (len(trace.steps), r1, c1)
     bare = lens.trace(trace.image, trace.question, max_new_tokens=1)
-    with pytest.raises(TamError, match="prefill_cache"):
+    with pytest.raises(TamError, match=r"prefill_cache=\[.blocks.1.hook_resid_post.\]"):
         tam_map(lens, bare)
 
 

@@ -17,6 +17,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from llava_lens import hooks
 from llava_lens.analysis.localization import HeadSelection, LocalizationHeads, select_localization_heads
 from llava_lens.analysis.methods import HEAD_METHODS, METHODS, HeadSets, Method, build_methods
 from llava_lens.analysis.metrics import energy_in_mask, func_iou, iou_f1, obj_iou, patch_chance, pointing_hit
@@ -106,9 +107,22 @@ def answer_step(trace: Any, word: str) -> Optional[int]:
     return next((i for i, tok in enumerate(trace.tokens) if _word(tok) == word.lower()), None)
 
 
-def _trace(lens: Any, ex: Example, prefill_cache: bool) -> tuple[Any, Optional[int]]:
+def prefill_hooks(info: Any) -> list[str]:
+    """Raw prefill activations the scored maps read (``info``: a :class:`~llava_lens.trace.ModelInfo`).
+
+    The ViT patterns feeding the projector (VLM-Visualizer, rollout), every block's
+    ``hook_resid_pre`` (sinks) and the last ``hook_resid_post`` (TAM).
+    """
+    n = info.n_layers
+    return ([hooks.vit_pattern(layer) for layer in info.vit_layers_used]
+            + [hooks.resid_pre(layer) for layer in range(n)] + [hooks.resid_post(n - 1)])
+
+
+def _trace(lens: Any, ex: Example, prefill: bool) -> tuple[Any, Optional[int]]:
+    """Trace one example (float32 attention rows: fp16 rounding would make ties in the pointing game)."""
+    names = prefill_hooks(lens.info) if prefill else False
     trace = lens.trace(ex.scene.image, ex.qa.question, max_new_tokens=len(ex.qa.answer.split()),
-                       prefill_cache=prefill_cache)
+                       prefill_cache=names, attention_dtype=torch.float32)
     return trace, answer_step(trace, ex.word)
 
 

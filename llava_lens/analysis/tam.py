@@ -53,12 +53,13 @@ class TamLogits:
 def tam_logits(lens: Any, trace: Trace) -> TamLogits:
     """Project the last layer's residual at every image / question / step position onto ``W_U``.
 
-    Needs ``trace.prefill`` with ``blocks.{L-1}.hook_resid_post`` (``prefill_cache=True``) and the
-    steps' residuals (``Step.resid``, default capture).
+    Needs the raw prefill capture ``blocks.{L-1}.hook_resid_post`` (trace with
+    ``prefill_cache=[llava_lens.hooks.resid_post(n_layers - 1)]``, plus any other names wanted) and
+    the steps' residuals (``Step.resid``, default capture).
     """
     name = hooks.resid_post(trace.info.n_layers - 1)
     if name not in trace.prefill or trace.steps[0].resid is None:
-        raise TamError(f"TAM needs {name} in trace.prefill and Step.resid (trace with prefill_cache=True)")
+        raise TamError(f"TAM needs the prefill's {name} and Step.resid: trace with prefill_cache=['{name}']")
     bridge = lens.bridge
     param = next(bridge.unembed.parameters())
     prompt = trace.prefill[name]
