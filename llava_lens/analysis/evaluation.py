@@ -120,7 +120,7 @@ def prefill_hooks(info: Any) -> list[str]:
 
 def _trace(lens: Any, ex: Example, prefill: bool) -> tuple[Any, Optional[int]]:
     """Trace one example (float32 attention rows: fp16 rounding would make ties in the pointing game)."""
-    names = prefill_hooks(lens.info) if prefill else False
+    names = prefill_hooks(lens.info()) if prefill else False
     trace = lens.trace(ex.scene.image, ex.qa.question, max_new_tokens=len(ex.qa.answer.split()),
                        prefill_cache=names, attention_dtype=torch.float32)
     return trace, answer_step(trace, ex.word)
