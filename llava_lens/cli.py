@@ -1,4 +1,4 @@
-"""The ``llava-lens`` command line: ``demo``, ``trace``, ``sweep``, ``summary``, ``report``, ``eval-grounding``.
+"""The ``llava-lens`` command line: demo, trace, sweep, summary, report, eval-grounding, heads.
 
 Every command writes only under its output folder and exits with a one-line message and a
 non-zero status on bad input (status 2) or interruption (130).
@@ -22,6 +22,8 @@ from llava_lens.errors import LlavaLensError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEMO_QUESTION = "How many objects are there?"  # words the embedded model knows
+EVAL_SEED = 7 * 2**50 + 10_000  # = analysis.evaluation.EvalOptions.seed (this module imports no torch at the top)
+CALIBRATION_SEED = 7 * 2**50 + 20_000
 
 
 class _Parser(argparse.ArgumentParser):
@@ -198,18 +200,96 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval_grounding(args: argparse.Namespace) -> int:
-    from llava_lens.analysis.scoring import evaluate_grounding
+    from llava_lens.analysis.details import details_report
+    from llava_lens.analysis.evaluation import EvalOptions, evaluate_grounding
+    from llava_lens.analysis.localization import LocalizationHeads
 
+    heads = LocalizationHeads.load(args.heads) if args.heads else None
+    options = EvalOptions(scenes=args.scenes, calibration=args.calibration, seed=args.seed,
+                          calibration_seed=args.calibration_seed, qtypes=args.qtypes, methods=args.methods,
+                          deletion=not args.no_deletion, progress=not args.no_progress,
+                          keep_traces=args.details, heads=heads)
     lens = _load(args)
-    result = evaluate_grounding(lens, n_scenes=args.scenes, qtypes=tuple(args.qtypes.split(",")))
-    table = result.table()
-    print(table)
+    result = evaluate_grounding(lens, options)
+    text = result.table()
+    if args.details:
+        text += "\n\n" + details_report(lens, result.traces or [])
+    print(text)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "grounding.md").write_text(table + "\n")
+        (out / "grounding.md").write_text(text + "\n")
         print(f"table written to {out / 'grounding.md'}", file=sys.stderr)
     return 0
+
+
+def _cmd_heads(args: argparse.Namespace) -> int:
+    from llava_lens.analysis.evaluation import calibration_heads
+    from llava_lens.analysis.localization import HeadSelection
+
+    selection = HeadSelection(skip_layers=args.skip_layers, votes_per_sample=args.votes, top_k=args.top_k,
+                              sigma=args.sigma, step=args.step)
+    lens = _load(args)
+    heads = calibration_heads(lens, args.calibration, args.calibration_seed, args.qtypes, selection,
+                              progress=not args.no_progress)
+    print(heads.describe())
+    print(f"heads written to {heads.save(args.out)}", file=sys.stderr)
+    return 0
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(n.strip() for n in text.split(",") if n.strip())
+
+
+def _step(text: str) -> Optional[int]:
+    """``--step``: a step index >= 0, or ``answer`` (the step generating the answer word)."""
+    if text == "answer":
+        return None
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a step index >= 0 or 'answer', got {text!r}")
+    return int(text)
+
+
+def _calibration_options(p: argparse.ArgumentParser, minimum_help: str) -> None:
+    p.add_argument("--calibration", type=int, default=50, metavar="N",
+                   help=f"calibration scenes for the localization heads{minimum_help} (default: 50)")
+    p.add_argument("--calibration-seed", type=int, default=CALIBRATION_SEED,
+                   help="first calibration scene's seed (default: %(default)s)")
+    p.add_argument("--qtypes", type=_csv, default=("color",), help="question types, comma-separated (color,shape)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _grounding_commands(sub: Any, model: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("eval-grounding", parents=[model], help="score every grounding map method on ground-truth masks",
+                       description="Pointing game, energy in mask, Obj-IoU/Func-IoU/F1 and deletion/insertion AUC of "
+                                   "every map method (attention, VLM-Visualizer, contrastive, occlusion, localization "
+                                   "heads, TAM...) on held-out embedded-model scenes; localization heads are selected "
+                                   "on separate calibration scenes (docs/grounding.md).")
+    p.add_argument("--scenes", type=int, default=100, help="held-out scenes to score (default: 100)")
+    p.add_argument("--seed", type=int, default=EVAL_SEED, help="first scored scene's seed (default: %(default)s)")
+    _calibration_options(p, ", disjoint from the scored ones; 0: none")
+    p.add_argument("--methods", type=_csv, default=None, help="only these map methods, comma-separated (default: all)")
+    p.add_argument("--heads", default=None, metavar="JSON",
+                   help="localization heads saved by `llava-lens heads`, used for the localization_heads row")
+    p.add_argument("--no-deletion", action="store_true", help="skip the deletion/insertion AUCs (faster)")
+    p.add_argument("--details", action="store_true",
+                   help="also single-head pointing, vision share by word, emergence, knockout, entropy")
+    p.add_argument("--out", default=None, help="also write the output to OUT/grounding.md")
+    p.set_defaults(func=_cmd_eval_grounding)
+    p = sub.add_parser("heads", parents=[model], help="select localization heads (Kang et al. 2025), save as JSON",
+                       description="Trace calibration scenes, keep the heads above the elbow of the image-attention "
+                                   "curve, vote for the lowest spatial entropy, save the top-k (reuse them with "
+                                   "`eval-grounding --heads`).")
+    _calibration_options(p, "")
+    p.add_argument("--step", type=_step, default=0,
+                   help="generated step whose attention is read: 0 = the last prompt token (the paper), or "
+                        "'answer' = the step generating the answer word (default: 0)")
+    p.add_argument("--top-k", type=int, default=3, help="heads kept (default: 3)")
+    p.add_argument("--votes", type=int, default=10, help="lowest-entropy heads voted for per sample (default: 10)")
+    p.add_argument("--skip-layers", type=int, default=2, help="first layers never selected (default: 2)")
+    p.add_argument("--sigma", type=float, default=1.0, help="Gaussian smoothing of each map, in patches (default: 1)")
+    p.add_argument("--out", default="localization_heads.json", help="JSON file to write (default: %(default)s)")
+    p.set_defaults(func=_cmd_heads)
 
 
 def _model_options() -> argparse.ArgumentParser:
@@ -271,13 +351,7 @@ def _add_commands(sub: Any, model: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="a folder written by `llava-lens trace` or views.export")
     _layers_option(p)
     p.set_defaults(func=_cmd_report)
-    p = sub.add_parser("eval-grounding", parents=[model], help="score the attention maps on ground-truth masks",
-                       description="Pointing game, energy in mask and deletion/insertion AUC of every map "
-                                   "method on held-out embedded-model scenes (docs/grounding.md).")
-    p.add_argument("--scenes", type=int, default=100, help="held-out scenes to score")
-    p.add_argument("--qtypes", default="color", help="question types, comma-separated (color,shape)")
-    p.add_argument("--out", default=None, help="also write the table to OUT/grounding.md")
-    p.set_defaults(func=_cmd_eval_grounding)
+    _grounding_commands(sub, model)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -232,3 +232,25 @@ def test_maps_from_the_prefill_summary_equal_maps_from_raw_patterns(traces, fami
     torch.testing.assert_close(g.vit_rollout(summary), g.vit_rollout(raw), atol=2e-3, rtol=0)
     torch.testing.assert_close(g.vlm_visualizer_map(summary), g.vlm_visualizer_map(raw), atol=5e-3, rtol=0)
     torch.testing.assert_close(g.attention_map_mean(summary), g.attention_map_mean(raw), atol=5e-4, rtol=0)
+
+
+def test_cli_heads_and_eval_grounding_on_the_embedded_model(tmp_path, capsys):
+    """`heads` writes a selection that `eval-grounding --heads` reuses; the table has every requested row."""
+    from llava_lens import cli
+    from llava_lens.analysis.evaluation import EvalOptions
+
+    assert (cli.EVAL_SEED, cli.CALIBRATION_SEED) == (EvalOptions.seed, EvalOptions.calibration_seed)
+    path = tmp_path / "heads.json"
+    assert cli.main(["heads", "--calibration", "3", "--step", "answer", "--top-k", "1", "--no-progress",
+                     "--out", str(path)]) == 0
+    assert capsys.readouterr().out.startswith("L") and path.is_file()
+    methods = "llm_mean,vlm_visualizer,vlm_visualizer_keep_first,localization_heads,tam,random"
+    assert cli.main(["eval-grounding", "--scenes", "2", "--calibration", "0", "--heads", str(path), "--methods",
+                     methods, "--no-deletion", "--no-progress", "--qtypes", "color,shape"]) == 0
+    out = capsys.readouterr().out
+    for method in methods.split(","):
+        assert f"| {method} |" in out
+    assert "pointing color" in out and "Func-IoU" in out and "localization_heads = L" in out
+    assert cli.main(["eval-grounding", "--scenes", "10", "--calibration", "5", "--calibration-seed",
+                     str(cli.EVAL_SEED + 9)]) == 2
+    assert "overlap" in capsys.readouterr().err
