@@ -61,7 +61,7 @@ def load_image(image: ImageLike) -> Image.Image:
         with open(path, "rb") as f:
             img = _open(f, str(path))
     elif isinstance(image, (bytes, bytearray, memoryview)):
-        img = _open(io.BytesIO(bytes(image)), "the image bytes")
+        img = _open(io.BytesIO(bytes(image)), "the image data")
     elif hasattr(image, "read"):
         img = _open(image, "the image stream")
     elif isinstance(image, Image.Image):
@@ -89,7 +89,8 @@ def _open(stream: Any, name: str) -> Image.Image:
             img.load()  # decode now: truncated files fail here, not deep inside the processor
             img = ImageOps.exif_transpose(img)
     except Image.DecompressionBombError as err:
-        raise ImageError(f"{name} is too large to decode safely ({_first_line(err)})") from None
+        raise ImageError(f"{name} is over the limit of {MAX_IMAGE_PIXELS:,} pixels ({_first_line(err)}); "
+                         "resize it first") from None
     except UnidentifiedImageError:
         raise ImageError(f"cannot read {name} as an image: not a known image format") from None
     except (OSError, SyntaxError, ValueError, MemoryError, EOFError) as err:
