@@ -189,3 +189,33 @@ def test_sweep_over_saved_dataset_with_a_corrupt_image(lens, tmp_path):
     assert counts == {"done": 2, "skipped": 0, "errors": 1, "quarantined": 0}
     errors = {r["id"]: r["error"] for r in sweep.read_rows(tmp_path / "out").to_pylist()}
     assert errors["good"] is None and errors["bad"].startswith("ImageError: cannot read the image data")
+
+
+def test_concurrent_sweeps_into_one_folder(llava_dir, lens, tmp_path, capsys):
+    data = tmp_path / "imgs"
+    names = _images(data, 12)
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(_sweep_cmd(data, out, llava_dir), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while not sweep.shard_files(out) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        assert proc.poll() is None, "the first sweep should still be running"
+        with pytest.raises(sweep.SweepError) as err:  # a second run into the same folder
+            sweep.run_sweep(lens, sweep.iter_examples(data, "what color ?"), out, max_new_tokens=2,
+                            shard_size=1, progress=False)
+        assert "in use by another sweep" in str(err.value) and f"pid {proc.pid}" in str(err.value)
+    finally:
+        assert proc.wait(timeout=120) == 0
+    assert Counter(sweep.read_rows(out).column("id").to_pylist()) == Counter(names)  # none lost or doubled
+    # the CLI path: one line, exit status 2, while another run holds the folder
+    with sweep.lock.joining(out):
+        other = sweep.lock.claim(out, 0, 1, "another-run")
+    try:
+        assert cli.main(_sweep_cmd(data, out, llava_dir)[3:]) == 2
+        err_lines = [line for line in capsys.readouterr().err.splitlines() if "in use" in line]
+        assert len(err_lines) == 1 and "another-run" in err_lines[0]
+    finally:
+        other.release()
