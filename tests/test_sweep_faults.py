@@ -37,12 +37,18 @@ def _folder(tmp_path, n=3):
     return data
 
 
-def test_negative_limit_and_batch(lens, tmp_path):
+@pytest.mark.parametrize("kwargs, match", [
+    ({"limit": -1}, "limit must be >= 0"), ({"batch_size": 0}, "batch size must be >= 1"),
+    ({"max_new_tokens": 0}, "max new tokens must be >= 1"), ({"max_new_tokens": -1}, "max new tokens"),
+    ({"max_new_tokens": 2.5}, "must be an integer"), ({"shard_size": 0}, "shard size"),
+    ({"rank": 2, "world_size": 2}, "outside a world of 2"), ({"limit": "3"}, "must be an integer"),
+])
+def test_impossible_sweep_arguments(lens, tmp_path, kwargs, match):
     data = _folder(tmp_path, 1)
-    with pytest.raises(SweepError, match="limit must be >= 0"):
-        sweep.run_sweep(lens, sweep.iter_examples(data, Q), tmp_path / "o", limit=-1, progress=False)
-    with pytest.raises(SweepError, match="batch size"):
-        sweep.run_sweep(lens, sweep.iter_examples(data, Q), tmp_path / "o", batch_size=0, progress=False)
+    with pytest.raises(SweepError) as err:
+        sweep.run_sweep(lens, sweep.iter_examples(data, Q), tmp_path / "o", progress=False, **kwargs)
+    assert match in _one_line(err)
+    assert not (tmp_path / "o").exists()  # refused before touching the output folder
 
 
 def test_changed_question_or_options_on_resume_are_refused(lens, tmp_path):

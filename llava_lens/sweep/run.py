@@ -100,6 +100,19 @@ def _process(lens: Any, todo: list[Example], writer: ShardWriter, journal: state
     return errors
 
 
+def _check_args(**values: Any) -> None:
+    """One-line errors for impossible sweep arguments (a negative limit, 0 tokens, a rank outside the world)."""
+    for name, value in values.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise SweepError(f"{name} must be an integer, got {value!r}")
+    lowest = {"limit": 0, "max_new_tokens": 1, "shard_size": 1, "batch_size": 1, "rank": 0, "world_size": 1}
+    for name, low in lowest.items():
+        if values[name] is not None and values[name] < low:
+            raise SweepError(f"{name.replace('_', ' ')} must be >= {low}, got {values[name]}")
+    if values["rank"] >= values["world_size"]:
+        raise SweepError(f"rank {values['rank']} is outside a world of {values['world_size']} processes")
+
+
 def run_sweep(lens: Any, examples: Iterator[Example], out_dir: str | Path, *, limit: Optional[int] = None,
               max_new_tokens: int = 16, shard_size: int = 4, rank: int = 0, world_size: int = 1,
               progress: bool = True, batch_size: int = 1, force: bool = False,
@@ -122,10 +135,8 @@ def run_sweep(lens: Any, examples: Iterator[Example], out_dir: str | Path, *, li
     """
     from tqdm import tqdm
 
-    if batch_size < 1:
-        raise SweepError(f"batch size must be >= 1, got {batch_size}")
-    if limit is not None and limit < 0:
-        raise SweepError(f"limit must be >= 0, got {limit}")
+    _check_args(limit=limit, max_new_tokens=max_new_tokens, shard_size=shard_size, batch_size=batch_size,
+                rank=rank, world_size=world_size)
     out = Path(out_dir)
     recorded = {"model": getattr(lens, "name", None), "max_new_tokens": max_new_tokens, **(options or {})}
     held, done, moved = _open_folder(out, rank, world_size, recorded, force)
