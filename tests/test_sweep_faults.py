@@ -197,3 +197,15 @@ def test_unwritable_output_folder(lens, tmp_path):
     with pytest.raises(SweepError) as err:
         sweep.run_sweep(lens, sweep.iter_examples(data, Q), tmp_path / "afile" / "out", progress=False)
     assert "cannot create the sweep folder" in _one_line(err)
+
+
+def test_undecodable_file_name_and_question(lens, tmp_path):
+    data, out = tmp_path / "imgs", tmp_path / "out"
+    data.mkdir()
+    Image.new("RGB", (16, 16), (0, 90, 0)).save(os.fsdecode(bytes(data) + b"/caf\xe9.png"))  # Latin-1 name
+    question = os.fsdecode(b"what \xff ?")  # an argv that is not UTF-8 holds a lone surrogate
+    for _ in range(2):  # the resume compares the stored question with the same text
+        sweep.run_sweep(lens, sweep.iter_examples(data, question), out, max_new_tokens=1, progress=False)
+    (row,) = sweep.read_rows(out).to_pylist()
+    assert row["id"] == "caf\\udce9.png" and row["question"] == "what \\udcff ?"
+    assert row["error"].startswith("PromptError: the question is not valid text")

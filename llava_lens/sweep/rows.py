@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Optional
 
 import pyarrow as pa
 
@@ -35,10 +35,15 @@ def emergence_layers(ranks: Any) -> list[int]:
     return [n_layers - int(k) if k > 0 else -1 for k in top]
 
 
+def storable(text: Optional[str]) -> Optional[str]:
+    r"""``text`` as valid UTF-8 for Parquet: a lone surrogate (undecodable file name or argument) becomes ``\udcff``."""
+    return None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def empty_row(example: Example) -> dict[str, Any]:
     """A row with only the example's id, question and target filled in."""
     row: dict[str, Any] = {name: None for name in SCHEMA.names}
-    row.update(id=example.id, question=example.question, target=example.target)
+    row.update(id=storable(example.id), question=storable(example.question), target=storable(example.target))
     return row
 
 

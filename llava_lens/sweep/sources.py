@@ -62,7 +62,9 @@ def _folder(data: Path, question: Optional[str]) -> Iterator[Example]:
     if not files:
         raise SweepError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) under {data}")
     for path in files:
-        yield Example(path.relative_to(data).as_posix(), path, question)
+        # a file name that is not UTF-8 holds lone surrogates; ids are stored as valid text
+        ex_id = path.relative_to(data).as_posix().encode("utf-8", "backslashreplace").decode("utf-8")
+        yield Example(ex_id, path, question)
 
 
 def _rows(rows: Iterator[dict], base: Optional[Path], question: Optional[str],

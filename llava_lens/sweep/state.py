@@ -64,8 +64,10 @@ def check_options(out: Path, options: dict[str, Any], force: bool = False) -> No
 
 def check_questions(done: dict[str, Optional[str]], examples: Iterable[Any], out: Path) -> None:
     """Refuse examples whose question differs from the one their done row was asked (a changed --question)."""
+    from llava_lens.sweep.rows import storable
+
     for example in examples:
-        if example.id in done and done[example.id] != example.question:
+        if example.id in done and done[example.id] != storable(example.question):
             raise SweepError(f"{out} already answered {example.id!r} for the question {done[example.id]!r}, "
                              f"this run asks {example.question!r}; use another --out, or --force to mix them")
 
