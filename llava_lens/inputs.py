@@ -7,15 +7,16 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
 from llava_lens.errors import ImageError, PromptError
 from llava_lens.images import MAX_ASPECT_RATIO, MAX_IMAGE_PIXELS, ImageLike, check_size, load_image
 
-__all__ = ["ImageLike", "load_image", "check_size", "MAX_IMAGE_PIXELS", "MAX_ASPECT_RATIO", "check_question", "UnknownWordsWarning", "unknown_words", "warn_unknown_words",
-           "build_prompt", "check_context", "ModelInputs", "prepare", "LLAVA15_FORMAT"]
+__all__ = ["ImageLike", "load_image", "check_size", "MAX_IMAGE_PIXELS", "MAX_ASPECT_RATIO", "check_question",
+           "build_prompt", "UnknownWordsWarning", "unknown_words", "warn_unknown_words", "ModelInputs", "prepare",
+           "LLAVA15_FORMAT"]
 
 # Vocabularies up to this size are listed in full in the unknown-words warning (word-level toys).
 LIST_VOCAB_UP_TO = 300
@@ -56,21 +57,6 @@ def build_prompt(processor: Any, question: str) -> str:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
         return processor.apply_chat_template(messages, add_generation_prompt=True)
     return LLAVA15_FORMAT.format(question=question)
-
-
-def check_context(n_prompt_tokens: int, max_new_tokens: int, n_ctx: Optional[int]) -> int:
-    """How many tokens may be generated after a prompt of ``n_prompt_tokens`` in a model of ``n_ctx`` positions.
-
-    Raises :class:`PromptError` when the prompt alone leaves no room for one new token; else
-    returns ``min(max_new_tokens, n_ctx - n_prompt_tokens)`` (as ``generate`` stops at the
-    model's length). ``n_ctx`` ``None`` or 0 means unknown: nothing is checked.
-    """
-    if not n_ctx:
-        return max_new_tokens
-    if n_prompt_tokens >= n_ctx:
-        raise PromptError(f"the prompt is {n_prompt_tokens} tokens (image included) but the model holds "
-                          f"{n_ctx} positions; shorten the question")
-    return min(max_new_tokens, n_ctx - n_prompt_tokens)
 
 
 def _find_last(haystack: list[int], needle: list[int]) -> int:

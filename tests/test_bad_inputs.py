@@ -23,7 +23,6 @@ from safetensors.torch import load_file, save_file
 import llava_lens as ll
 from llava_lens import sweep
 from llava_lens.errors import ImageError, LlavaLensError, ModelLoadError, PromptError
-from llava_lens.inputs import check_context
 
 Q = "what color ?"
 
@@ -181,19 +180,6 @@ def test_special_token_text_stays_literal(lens, image, typed):
     assert sum(i in special for i in ids) == sum(i in special for i in plain.input_ids[0].tolist())
     assert len(span) == int((inputs.input_ids == lens.config.image_token_id).sum())
     assert len(lens.trace(image, f"{typed} color ?", max_new_tokens=2).steps) >= 1
-
-
-# ---- 7. context length helper (the engine calls it before the prefill) ------------------------
-
-def test_check_context():
-    assert check_context(10, 5, 100) == 5
-    assert check_context(98, 5, 100) == 2        # bounded, as generate stops at the model's length
-    assert check_context(10, 5, 0) == 5          # unknown n_ctx: nothing to check
-    with pytest.raises(PromptError) as err:
-        check_context(11181, 16, 4096)
-    assert "11181 tokens" in _one_line(err) and "4096" in str(err.value)
-    with pytest.raises(PromptError):
-        check_context(100, 1, 100)
 
 
 # ---- 3 + 10. model folders: no code, no pickle, bad weights are one line ----------------------
