@@ -84,7 +84,7 @@ def _describe(owner: dict) -> str:
 
 @dataclass
 class Claim:
-    """A process's hold on a sweep folder; ``fresh`` when no other rank of this run was there."""
+    """A process's hold on a sweep folder; ``fresh`` when no process of any run can be writing there."""
 
     handle: IO[Any]
     fresh: bool
@@ -101,7 +101,7 @@ def claim(out: Path, rank: int, world_size: int, run: str) -> Claim:
 
     Raises :class:`SweepError` naming the owner when another live run holds the folder.
     """
-    owner = _read_owner(out)
+    owner = previous = _read_owner(out)
     live = owner is not None and _live(out, owner)
     if live and owner is not None and owner.get("run_id") != run:
         raise SweepError(f"{out} is in use by another sweep ({_describe(owner)}); wait for it to "
@@ -121,4 +121,6 @@ def claim(out: Path, rank: int, world_size: int, run: str) -> Claim:
     tmp = out / f".{OWNER}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(owner))
     os.replace(tmp, out / OWNER)
-    return Claim(handle, fresh=not live)
+    # fresh: no process of this or any run can be writing here (a rank of this launch that already
+    # finished, or one on a node whose lock we cannot see, keeps it not fresh)
+    return Claim(handle, fresh=not live and (previous is None or previous.get("run_id") != run))

@@ -29,9 +29,9 @@ def _open_folder(out: Path, rank: int, world_size: int, options: dict[str, Any],
     with lock.joining(out):
         held = lock.claim(out, rank, world_size, run_id(world_size))
         try:
-            if held.fresh:  # no other process of any run is writing here: leftovers of a kill
-                for stale in out.glob(".part-*.tmp"):
-                    stale.unlink(missing_ok=True)
+            # temp files left by a kill: every rank's when nobody can be writing, else only this rank's
+            for stale in out.glob(".part-*.tmp" if held.fresh else f".part-{rank}-*.tmp"):
+                stale.unlink(missing_ok=True)
             state.check_options(out, options, force)
             found = scan(out)
             moved = quarantine(out, found.bad)
