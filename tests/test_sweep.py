@@ -193,7 +193,7 @@ def test_sweep_over_saved_dataset_with_a_corrupt_image(lens, tmp_path):
 
 def test_concurrent_sweeps_into_one_folder(llava_dir, lens, tmp_path, capsys):
     data = tmp_path / "imgs"
-    names = _images(data, 12)
+    names = _images(data, 6)
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(_sweep_cmd(data, out, llava_dir), env=env, stdout=subprocess.DEVNULL,
@@ -219,3 +219,22 @@ def test_concurrent_sweeps_into_one_folder(llava_dir, lens, tmp_path, capsys):
         assert len(err_lines) == 1 and "another-run" in err_lines[0]
     finally:
         other.release()
+
+
+def test_batched_sweep_equals_one_at_a_time(lens, tmp_path):
+    data = tmp_path / "imgs"
+    _images(data, 3)
+    (data / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    rows = {}
+    for batch in (1, 2):
+        out = tmp_path / f"b{batch}"
+        sweep.run_sweep(lens, sweep.iter_examples(data, "what color ?"), out, max_new_tokens=2, batch_size=batch,
+                        progress=False)
+        rows[batch] = {r["id"]: r for r in sweep.read_rows(out).to_pylist()}
+    assert rows[1].keys() == rows[2].keys() and len(rows[1]) == 4
+    for ex_id, one in rows[1].items():
+        two = rows[2][ex_id]
+        assert (one["answer"], one["tokens"], one["error"]) == (two["answer"], two["tokens"], two["error"])
+        if one["error"] is None:
+            np.testing.assert_allclose(one["token_probs"], two["token_probs"], atol=1e-4)
+    assert rows[2]["corrupt.png"]["error"].startswith("ImageError: ")
