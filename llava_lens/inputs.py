@@ -1,20 +1,22 @@
-"""Turn user input (an image and a question) into model inputs, with clear errors on bad input."""
+"""Turn user input (an image and a question) into model inputs, with clear errors on bad input.
+
+The image policy (sizes, dtypes, ranges) lives in :mod:`llava_lens.images`.
+"""
 
 from __future__ import annotations
 
-import io
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from llava_lens.errors import ImageError, PromptError
+from llava_lens.images import MAX_ASPECT_RATIO, MAX_IMAGE_PIXELS, ImageLike, check_size, load_image
 
-ImageLike = Union[str, Path, bytes, Image.Image, np.ndarray]
+__all__ = ["ImageLike", "load_image", "check_size", "MAX_IMAGE_PIXELS", "MAX_ASPECT_RATIO", "check_question",
+           "build_prompt", "UnknownWordsWarning", "unknown_words", "warn_unknown_words", "ModelInputs", "prepare",
+           "LLAVA15_FORMAT"]
 
 # Vocabularies up to this size are listed in full in the unknown-words warning (word-level toys).
 LIST_VOCAB_UP_TO = 300
@@ -23,61 +25,18 @@ LIST_VOCAB_UP_TO = 300
 LLAVA15_FORMAT = "USER: <image>\n{question} ASSISTANT:"
 
 
-def load_image(image: ImageLike) -> Image.Image:
-    """Return ``image`` as a fully decoded RGB PIL image.
-
-    Accepts a path, raw bytes, a PIL image or a ``uint8``/float array (HxW, HxWx1, HxWx3, HxWx4).
-    Palette, grayscale, RGBA and CMYK modes are converted to RGB (alpha composited on white).
-    Raises :class:`ImageError` for a missing, corrupt, truncated or empty image.
-    """
-    if isinstance(image, (str, Path)):
-        path = Path(image)
-        if not path.is_file():
-            raise ImageError(f"image file not found: {path}")
-        img = _open(path.read_bytes(), str(path))
-    elif isinstance(image, bytes):
-        img = _open(image, "image bytes")
-    elif isinstance(image, Image.Image):
-        img = image
-    elif isinstance(image, np.ndarray):
-        img = _from_array(image)
-    else:
-        raise ImageError(f"unsupported image type {type(image).__name__}; pass a path, PIL image or array")
-    if img.width == 0 or img.height == 0:
-        raise ImageError(f"image is empty ({img.width}x{img.height} pixels)")
-    return _to_rgb(img)
-
-
-def _open(data: bytes, name: str) -> Image.Image:
+def check_question(question: Any) -> str:
+    """Return ``question`` if it is usable text, else raise a one-line :class:`PromptError`."""
+    if not isinstance(question, str):
+        raise PromptError(f"the question must be a string, got {type(question).__name__}")
+    if not question.strip():
+        raise PromptError("the question is empty; ask something about the image")
     try:
-        img = Image.open(io.BytesIO(data))
-        img.load()  # decode now: truncated files fail here, not deep inside the processor
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise ImageError(f"cannot read {name} as an image: {str(err).splitlines()[0]}") from None
-    return img
-
-
-def _from_array(arr: np.ndarray) -> Image.Image:
-    if arr.ndim == 3 and arr.shape[-1] == 1:
-        arr = arr[..., 0]
-    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)) or 0 in arr.shape:
-        raise ImageError(f"image array must be HxW, HxWx3 or HxWx4 and non-empty, got shape {arr.shape}")
-    if arr.dtype != np.uint8:
-        # float images are taken to be in [0, 1], as matplotlib and most pipelines use
-        arr = np.clip(np.asarray(arr, dtype=np.float64) * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255)
-        arr = arr.astype(np.uint8)
-    return Image.fromarray(arr)
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode == "RGB":
-        return img
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGB", rgba.size, (255, 255, 255))
-        background.paste(rgba, mask=rgba.getchannel("A"))
-        return background
-    return img.convert("RGB")
+        question.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise PromptError(f"the question is not valid text: {err.reason} {question[err.start]!r} "
+                          f"at position {err.start}") from None
+    return question
 
 
 def build_prompt(processor: Any, question: str) -> str:
@@ -87,8 +46,7 @@ def build_prompt(processor: Any, question: str) -> str:
     ``USER: <image>\n{question} ASSISTANT:``. The question must be non-empty text with no image
     placeholder of its own: llava-lens puts exactly one image in each prompt.
     """
-    if not isinstance(question, str) or not question.strip():
-        raise PromptError("the question is empty; ask something about the image")
+    check_question(question)
     image_token = getattr(processor, "image_token", "<image>")
     if image_token in question:
         raise PromptError(
@@ -99,6 +57,36 @@ def build_prompt(processor: Any, question: str) -> str:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
         return processor.apply_chat_template(messages, add_generation_prompt=True)
     return LLAVA15_FORMAT.format(question=question)
+
+
+def _find_last(haystack: list[int], needle: list[int]) -> int:
+    for start in range(len(haystack) - len(needle), -1, -1):
+        if haystack[start:start + len(needle)] == needle:
+            return start
+    return -1
+
+
+def _literal_specials(processor: Any, question: str, input_ids: torch.Tensor) -> torch.Tensor:
+    """Re-tokenise special-token text typed in the question (``<s>``, ``</s>``...) as plain text.
+
+    A tokenizer matches special tokens anywhere in its input, so a typed ``</s>`` would end the
+    prompt. The question's tokens are found in ``input_ids`` and replaced by its tokenisation
+    with ``split_special_tokens=True`` (the prompt's own specials, the image token, stay).
+    """
+    tokenizer = getattr(processor, "tokenizer", None)
+    specials = [t for t in getattr(tokenizer, "all_special_tokens", []) if t]
+    if tokenizer is None or not any(t in question for t in specials):
+        return input_ids
+    matched = tokenizer(question, add_special_tokens=False)["input_ids"]
+    literal = tokenizer(question, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    ids = input_ids[0].tolist()
+    start = _find_last(ids, matched)
+    if start < 0:
+        found = next(t for t in specials if t in question)
+        raise PromptError(f"the question contains the special token {found!r}, which this tokenizer cannot "
+                          "keep as plain text; remove it")
+    ids[start:start + len(matched)] = literal
+    return torch.tensor([ids], dtype=input_ids.dtype)
 
 
 class UnknownWordsWarning(UserWarning):
@@ -146,7 +134,7 @@ class ModelInputs:
     """``[1, 3, H, W]`` (LLaVA-1.5) or ``[1, n_tiles, 3, H, W]`` (LLaVA-NeXT)."""
     extra: dict[str, torch.Tensor]
     """Other processor outputs the model needs (``image_sizes`` for LLaVA-NeXT)."""
-    image: Image.Image
+    image: Any
     prompt: str
 
 
@@ -164,5 +152,6 @@ def prepare(processor: Any, image: ImageLike, question: str) -> ModelInputs:
         out = processor(images=img, text=prompt, return_tensors="pt")
     except ValueError as err:
         raise ImageError(f"the processor rejected the image: {str(err).splitlines()[0]}") from None
+    input_ids = _literal_specials(processor, question, out["input_ids"])
     extra = {k: v for k, v in out.items() if k not in ("input_ids", "pixel_values", "attention_mask")}
-    return ModelInputs(out["input_ids"], out["pixel_values"], extra, img, prompt)
+    return ModelInputs(input_ids, out["pixel_values"], extra, img, prompt)

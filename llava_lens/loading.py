@@ -1,7 +1,16 @@
-"""Load a LLaVA model and its processor into a TransformerLens bridge: :func:`load`."""
+"""Load a LLaVA model and its processor into a TransformerLens bridge: :func:`load`.
+
+Loading never runs code or unpickles data from the model's files: ``trust_remote_code=False``
+everywhere (a config's ``auto_map`` is ignored; LLaVA's classes come from transformers) and
+weights load only from safetensors (a folder with only ``pytorch_model.bin`` is refused).
+A hub id is resolved to a local snapshot first, with one bounded metadata request
+(``LLAVA_LENS_HUB_TIMEOUT`` seconds, default 20) and per-read download timeouts; everything
+after that reads local files.
+"""
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, Optional
@@ -11,13 +20,18 @@ from transformer_lens.model_bridge import TransformerBridge
 from transformer_lens.utilities.multi_gpu import resolve_device_map
 from transformers import AutoConfig, AutoProcessor
 
-from llava_lens.errors import UnsupportedModelError
+from llava_lens.errors import ModelLoadError, UnsupportedModelError
 from llava_lens.families import family_for
 from llava_lens.model import LlavaLens
 
 EMBEDDED_MODELS = {"shapes-tiny": Path(__file__).parent / "toy" / "shapes-tiny"}
 DEFAULT_MODEL = "shapes-tiny"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# what a snapshot needs: configs, tokenizer/processor files, chat template, safetensors weights
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+CONVERT_HINT = ("llava-lens loads only safetensors weights (no pickle); convert them once, somewhere you trust "
+                "the files: from_pretrained(dir).save_pretrained(dir) writes model.safetensors")
 
 
 def default_device_dtype(device: Optional[str], dtype: Optional[torch.dtype]) -> tuple[str, torch.dtype]:
@@ -28,8 +42,61 @@ def default_device_dtype(device: Optional[str], dtype: Optional[torch.dtype]) ->
     return device, dtype
 
 
+def _first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def hub_timeout() -> float:
+    """Seconds allowed for the hub's metadata request (``LLAVA_LENS_HUB_TIMEOUT``, default 20)."""
+    try:
+        return max(0.1, float(os.environ.get("LLAVA_LENS_HUB_TIMEOUT", "20")))
+    except ValueError:
+        raise ModelLoadError("LLAVA_LENS_HUB_TIMEOUT must be a number of seconds") from None
+
+
+def _snapshot(repo_id: str) -> str:
+    """Download (or find in the cache) the files of hub model ``repo_id``; return the local folder."""
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    endpoint, timeout = os.environ.get("HF_ENDPOINT") or None, hub_timeout()
+    try:
+        info = HfApi(endpoint=endpoint).model_info(repo_id, timeout=timeout)
+    except GatedRepoError:
+        raise ModelLoadError(f"{repo_id} is gated on the hub: accept its licence, then `hf auth login`") from None
+    except RepositoryNotFoundError:
+        raise ModelLoadError(f"model not found on the hub: {repo_id}") from None
+    except Exception as err:  # noqa: BLE001 - offline, DNS, proxy, timeout: fall back to the cache
+        try:
+            return snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=True)
+        except Exception:  # noqa: BLE001 - not cached either
+            raise ModelLoadError(
+                f"cannot reach the hub ({endpoint or 'huggingface.co'}) for {repo_id} within {timeout:g} s "
+                f"({type(err).__name__}: {_first_line(err)}) and it is not in the local cache") from None
+    names = [s.rfilename for s in info.siblings or []]
+    if names and not any(n.endswith(".safetensors") for n in names):
+        raise ModelLoadError(f"{repo_id} has no safetensors weights; {CONVERT_HINT}")
+    try:
+        return snapshot_download(repo_id, revision=info.sha, allow_patterns=HUB_FILES, etag_timeout=timeout,
+                                 endpoint=endpoint)
+    except Exception as err:  # noqa: BLE001 - network errors of any HTTP stack, disk full...
+        raise ModelLoadError(f"downloading {repo_id} failed: {type(err).__name__}: {_first_line(err)}") from None
+
+
+def _check_weights(path: Path) -> None:
+    if any(path.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for pattern in PICKLE_WEIGHTS for p in path.glob(pattern))
+    if pickled:
+        raise ModelLoadError(f"{path} has only pickle weights ({', '.join(pickled)}); {CONVERT_HINT}")
+    raise ModelLoadError(f"{path} has no weights (model.safetensors)")
+
+
 def _resolve_source(path_or_id: Optional[str]) -> str:
     name = path_or_id or DEFAULT_MODEL
+    if not isinstance(name, (str, os.PathLike)):
+        raise UnsupportedModelError(f"the model must be a path or hub id, got {type(name).__name__}")
+    name = str(name)
     if name in EMBEDDED_MODELS:
         path = EMBEDDED_MODELS[name]
         if not (path / "config.json").is_file():
@@ -41,28 +108,49 @@ def _resolve_source(path_or_id: Optional[str]) -> str:
             raise UnsupportedModelError(f"{path} is not a model directory (no config.json)")
         return str(path)
     if _HUB_ID.match(name) and not name.startswith((".", "/", "~")):
-        return name  # a hub id: transformers downloads (or reads its cache)
+        return _snapshot(name)
     raise UnsupportedModelError(f"model not found: {name!r} is neither a directory nor a hub id (org/name)")
 
 
 def _load_config(source: str) -> Any:
     try:
-        return AutoConfig.from_pretrained(source)
-    except (OSError, ValueError) as err:
-        raise UnsupportedModelError(f"cannot load the config of {source!r}: {str(err).splitlines()[0]}") from None
+        return AutoConfig.from_pretrained(source, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UnsupportedModelError(f"cannot load the config of {source!r}: {_first_line(err)}") from None
 
 
 def _load_processor(source: str) -> Any:
     try:
-        processor = AutoProcessor.from_pretrained(source)
+        processor = AutoProcessor.from_pretrained(source, trust_remote_code=False)
     except (OSError, ValueError, TypeError, KeyError) as err:
         raise UnsupportedModelError(
-            f"cannot load the processor/tokenizer of {source!r}: {str(err).splitlines()[0]}") from None
+            f"cannot load the processor/tokenizer of {source!r}: {_first_line(err)}") from None
     if not hasattr(processor, "tokenizer") or not hasattr(processor, "image_processor"):
         raise UnsupportedModelError(
             f"{source!r} has no LLaVA processor (image processor + tokenizer files); "
             "save one with processor.save_pretrained(dir)")
     return processor
+
+
+def load_weights(hf_class: Any, source: str, **kwargs: Any) -> Any:
+    """``hf_class.from_pretrained`` from safetensors only; truncated, foreign or partial weights are one-line errors."""
+    _check_weights(Path(source))
+    try:
+        model, info = hf_class.from_pretrained(source, use_safetensors=True, trust_remote_code=False,
+                                               output_loading_info=True, **kwargs)
+    except RuntimeError as err:
+        if "mismatch" in str(err):
+            raise ModelLoadError(f"the weights in {source} do not fit its config.json (tensor shapes differ)") from None
+        raise ModelLoadError(f"cannot load the weights in {source}: {_first_line(err)}") from None
+    except Exception as err:  # noqa: BLE001 - SafetensorError has no useful base class; OSError, ValueError
+        raise ModelLoadError(f"cannot load the weights in {source}: {type(err).__name__}: "
+                             f"{_first_line(err)}") from None
+    missing = list(info.get("missing_keys") or []) + [str(k[0]) if isinstance(k, tuple) else str(k)
+                                                       for k in info.get("mismatched_keys") or []]
+    if missing:
+        raise ModelLoadError(f"the weights in {source} lack {len(missing)} tensors the config needs "
+                             f"(e.g. {missing[0]}); the file is incomplete or for another model")
+    return model
 
 
 def load(path_or_id: Optional[str] = None, device: Optional[str] = None,
@@ -74,7 +162,8 @@ def load(path_or_id: Optional[str] = None, device: Optional[str] = None,
     ``shapes-tiny`` model. ``device``/``dtype`` default to CUDA + bf16 when available, else CPU +
     fp32. ``device_map`` (e.g. ``"auto"``) or ``n_devices=K`` shard a model too large for one GPU
     (HF dispatches it at load time); other keyword arguments go to
-    ``TransformerBridge.boot_transformers``.
+    ``TransformerBridge.boot_transformers``. Only safetensors weights are read, and no code from
+    the model's files is run (see the module docstring).
     """
     source = _resolve_source(path_or_id)
     config = _load_config(source)
@@ -87,13 +176,11 @@ def load(path_or_id: Optional[str] = None, device: Optional[str] = None,
         # as it is (it refuses device_map together with a pre-loaded hf_model).
         device_map, max_memory = resolve_device_map(n_devices, device_map, None, boot_kwargs.pop("max_memory", None))
         dtype = dtype or (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
-        hf_model = family.hf_class.from_pretrained(source, dtype=dtype, device_map=device_map, max_memory=max_memory)
+        hf_model = load_weights(family.hf_class, source, dtype=dtype, device_map=device_map, max_memory=max_memory)
     else:
         device, dtype = default_device_dtype(device, dtype)
-        hf_model = family.hf_class.from_pretrained(source, dtype=dtype).to(device)
+        hf_model = load_weights(family.hf_class, source, dtype=dtype).to(device)
         boot_kwargs["device"] = device
     bridge = TransformerBridge.boot_transformers(
         source, hf_model=hf_model.eval(), dtype=dtype, tokenizer=processor.tokenizer, **boot_kwargs)
     return LlavaLens(bridge, processor, family, name=path_or_id or DEFAULT_MODEL)
-
-

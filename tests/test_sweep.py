@@ -83,7 +83,7 @@ def test_bad_examples_become_error_rows(lens, tmp_path):
     out = tmp_path / "out"
     counts = sweep.run_sweep(lens, sweep.iter_examples(data, "what color ?"), out, max_new_tokens=2,
                              shard_size=3, progress=False)
-    assert counts == {"done": 4, "skipped": 0, "errors": 2}
+    assert counts == {"done": 4, "skipped": 0, "errors": 2, "quarantined": 0}
     rows = {r["id"]: r for r in sweep.read_rows(out).to_pylist()}
     for bad in ("corrupt.png", "empty.jpg"):
         assert rows[bad]["error"].startswith("ImageError: ") and "\n" not in rows[bad]["error"]
@@ -108,7 +108,7 @@ def test_limit_stale_tmp_and_duplicate_ids(lens, tmp_path):
     assert not list(out.glob("*.tmp")) and len(sweep.read_rows(out)) == 2
     again = sweep.run_sweep(lens, sweep.iter_examples(data, "q"), out, limit=3, max_new_tokens=1,
                             progress=False)
-    assert again == {"done": 1, "skipped": 2, "errors": 0}
+    assert again == {"done": 1, "skipped": 2, "errors": 0, "quarantined": 0}
     dup = [sweep.Example("same", data / "img_00.png", "q"), sweep.Example("same", data / "img_02.png", "q")]
     sweep.run_sweep(lens, iter(dup), out, max_new_tokens=1, progress=False)
     ids = sweep.read_rows(out).column("id").to_pylist()
@@ -129,7 +129,10 @@ def test_summary_with_targets(lens, tmp_path):
     assert summary["accuracy_n"] == 3 and summary["accuracy"] >= 1 / 3
     assert len(summary["vision_share_by_layer"]) == lens.n_layers
     assert "mean_emergence_first" in sweep.format_summary(summary)
-    assert all(p.stat().st_size > 0 for p in sweep.plot_summary(summary, out))
+    from llava_lens.views.summary_plot import emergence_figure, plot_summary, vision_share_figure
+
+    assert emergence_figure(summary).axes[0].patches and vision_share_figure(summary).axes[0].lines
+    assert all(p.stat().st_size > 0 for p in plot_summary(summary, out))
     assert sweep.normalize_answer("The  Circle is RED.") == "circle is red"
 
 
@@ -183,6 +186,55 @@ def test_sweep_over_saved_dataset_with_a_corrupt_image(lens, tmp_path):
     Dataset.from_list(rows, features=features).save_to_disk(str(tmp_path / "ds"))
     examples = sweep.iter_examples(tmp_path / "ds", question_column="question")
     counts = sweep.run_sweep(lens, examples, tmp_path / "out", max_new_tokens=1, progress=False)
-    assert counts == {"done": 2, "skipped": 0, "errors": 1}
+    assert counts == {"done": 2, "skipped": 0, "errors": 1, "quarantined": 0}
     errors = {r["id"]: r["error"] for r in sweep.read_rows(tmp_path / "out").to_pylist()}
-    assert errors["good"] is None and errors["bad"].startswith("ImageError: cannot read image bytes")
+    assert errors["good"] is None and errors["bad"].startswith("ImageError: cannot read the image data")
+
+
+def test_concurrent_sweeps_into_one_folder(llava_dir, lens, tmp_path, capsys):
+    data = tmp_path / "imgs"
+    names = _images(data, 6)
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(_sweep_cmd(data, out, llava_dir), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while not sweep.shard_files(out) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        assert proc.poll() is None, "the first sweep should still be running"
+        with pytest.raises(sweep.SweepError) as err:  # a second run into the same folder
+            sweep.run_sweep(lens, sweep.iter_examples(data, "what color ?"), out, max_new_tokens=2,
+                            shard_size=1, progress=False)
+        assert "in use by another sweep" in str(err.value) and f"pid {proc.pid}" in str(err.value)
+    finally:
+        assert proc.wait(timeout=120) == 0
+    assert Counter(sweep.read_rows(out).column("id").to_pylist()) == Counter(names)  # none lost or doubled
+    # the CLI path: one line, exit status 2, while another run holds the folder
+    with sweep.lock.joining(out):
+        other = sweep.lock.claim(out, 0, 1, "another-run")
+    try:
+        assert cli.main(_sweep_cmd(data, out, llava_dir)[3:]) == 2
+        err_lines = [line for line in capsys.readouterr().err.splitlines() if "in use" in line]
+        assert len(err_lines) == 1 and "another-run" in err_lines[0]
+    finally:
+        other.release()
+
+
+def test_batched_sweep_equals_one_at_a_time(lens, tmp_path):
+    data = tmp_path / "imgs"
+    _images(data, 3)
+    (data / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    rows = {}
+    for batch in (1, 2):
+        out = tmp_path / f"b{batch}"
+        sweep.run_sweep(lens, sweep.iter_examples(data, "what color ?"), out, max_new_tokens=2, batch_size=batch,
+                        progress=False)
+        rows[batch] = {r["id"]: r for r in sweep.read_rows(out).to_pylist()}
+    assert rows[1].keys() == rows[2].keys() and len(rows[1]) == 4
+    for ex_id, one in rows[1].items():
+        two = rows[2][ex_id]
+        assert (one["answer"], one["tokens"], one["error"]) == (two["answer"], two["tokens"], two["error"])
+        if one["error"] is None:
+            np.testing.assert_allclose(one["token_probs"], two["token_probs"], atol=1e-4)
+    assert rows[2]["corrupt.png"]["error"].startswith("ImageError: ")
