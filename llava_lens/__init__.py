@@ -9,7 +9,14 @@ ll.views.export(trace, "analysis_results/run", result)   # HTML, plots, heatmaps
 """
 
 from llava_lens import grounding, views
-from llava_lens.errors import ImageError, LlavaLensError, PromptError, UnsupportedModelError
+from llava_lens.errors import (
+    ImageError,
+    LlavaLensError,
+    ModelLoadError,
+    PromptError,
+    SweepError,
+    UnsupportedModelError,
+)
 from llava_lens.families import VisionSpan
 from llava_lens.grounding import (
     MAPS,
@@ -36,6 +43,6 @@ __all__ = [
     "logit_lens", "LogitLens", "patch_words",
     "vision_share", "VisionShare", "attention_map_mean", "attention_map_max", "vlm_visualizer_map",
     "vit_rollout_map", "paint", "paint_grid", "MAPS", "grounding", "views",
-    "explore", "LlavaLensError", "ImageError", "PromptError", "UnsupportedModelError",
+    "explore", "LlavaLensError", "ImageError", "PromptError", "UnsupportedModelError", "ModelLoadError", "SweepError",
 ]
 __version__ = "0.1.0"

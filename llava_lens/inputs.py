@@ -102,7 +102,7 @@ def unknown_words(tokenizer: Any, text: str) -> list[str]:
     unk = getattr(tokenizer, "unk_token_id", None)
     if unk is None:
         return []
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=True)
     found = [text[a:b] for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]) if i == unk]
     return list(dict.fromkeys(found))
 

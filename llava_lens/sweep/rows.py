@@ -7,6 +7,7 @@ from typing import Any, Optional
 
 import pyarrow as pa
 
+from llava_lens.analysis.emergence import emergence_layers
 from llava_lens.errors import PromptError
 from llava_lens.sweep.sources import Example
 
@@ -23,16 +24,6 @@ SCHEMA = pa.schema([
     ("emergence_first", pa.int64()), ("vision_share", pa.list_(pa.float32())),  # per layer
     ("n_tokens", pa.int64()), ("seconds", pa.float64()), ("error", pa.string()),
 ])
-
-
-def emergence_layers(ranks: Any) -> list[int]:
-    """Per token, the first layer from which its rank stays 0 (top-1) up to the last; -1 if never.
-
-    ``ranks [L, S]`` as in :attr:`llava_lens.LogitLens.target_ranks`.
-    """
-    top = (ranks == 0).flip(0).int().cumprod(0).sum(0)  # length of the trailing run of top-1 layers
-    n_layers = ranks.shape[0]
-    return [n_layers - int(k) if k > 0 else -1 for k in top]
 
 
 def storable(text: Optional[str]) -> Optional[str]:
