@@ -96,6 +96,7 @@ window.addEventListener("load", function () {
   var sel = document.getElementById("layer-select"), views = document.querySelectorAll(".layer-view");
   var out = {layers: []}, i = 0;
   function inked(c) {
+    if (!c.width || !c.height) { return 0; }
     var d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data, n = 0;
     for (var k = 3; k < d.length; k += 4) { if (d[k]) { n++; } }
     return n;
