@@ -146,7 +146,8 @@ def main() -> None:
             print(f"  blank page load {m['blank_s']:.2f} s | report load to first layer view "
                   f"{m['first_s']:.2f} s ({m['first_s'] / max(m['blank_s'], 1e-3):.1f}x blank)")
             if tab_s:
-                print(f"  open another layer tab: median {sorted(tab_s)[len(tab_s) // 2]:.2f} s, max {max(tab_s):.2f} s; "
+                median = sorted(tab_s)[len(tab_s) // 2]
+                print(f"  open another layer tab: median {median:.2f} s, max {max(tab_s):.2f} s; "
                       f"canvases per tab {m['first']['canvases']}, zero-sized {bad}")
 
 

@@ -250,3 +250,18 @@ def test_write_index_links_runs(setup, tmp_path):
     assert 'href="a%20b/report.html"' in text and 'src="a%20b/image.png"' in text
     assert 'src="a%20b/heatmaps/step_00.png"' in text and "what &lt;is&gt; it?" in text
     assert "gone <span class=\"missing\">(no report.html)</span>" in text
+
+
+def test_window_goes_from_export_to_report(setup, tmp_path):
+    trace, res = setup
+    out = tmp_path / "run"
+    export(trace, out, lens_result=res, layers=[0], window=(3, 9))
+    assert json.loads((out / "run.json").read_text())["options"]["window"] == [3, 9]
+    n_t = vhtml.n_positions(trace)
+    text = write_report(out).read_text()
+    assert f"positions 3–8 of {n_t} (window)" in text and "folded into one ⋯ group each side" in text
+    assert "positions 0–" in write_report(out, window=(0, n_t)).read_text()
+    assert vhtml.parse_window("3:9") == (3, 9) and vhtml.parse_window(":5") == (0, 5)
+    assert vhtml.parse_window(None) is None
+    with pytest.raises(LlavaLensError, match="START:END"):
+        vhtml.parse_window("3-9")

@@ -83,8 +83,7 @@ def read_manifest(run_dir: str | Path) -> Optional[dict[str, Any]]:
 
 def export(trace: Trace, out_dir: str | Path, lens_result: Optional[LogitLens] = None,
            layers: Optional[Sequence[int]] = None, *, window: Optional[tuple[int, int]] = None,
-           map_name: str = "llm_mean", inline_js: bool = False, save_trace: bool = True,
-           group_image: bool = True) -> dict[str, list[Path]]:
+           map_name: str = "llm_mean", inline_js: bool = False, save_trace: bool = True) -> dict[str, list[Path]]:
     """Write all views of ``trace`` into ``out_dir`` (e.g. ``analysis_results/<run>``), plus ``run.json``.
 
     Layout: ``attention/layer_XX.html`` (+ ``attention/circuitsvis.js``), ``logit_lens.png/.svg``,
@@ -92,9 +91,10 @@ def export(trace: Trace, out_dir: str | Path, lens_result: Optional[LogitLens] =
     compute it with :func:`llava_lens.lens.logit_lens`), ``vision_share.png``,
     ``heatmaps/step_XX.png``, ``heatmaps/grid.png``, the trace itself (``trace.json``,
     ``trace.safetensors``, ``image.png``) and the manifest ``run.json``. ``layers`` selects
-    attention pages and the layers the heatmaps average over (default: all); ``window`` and
-    ``group_image`` are passed to :func:`llava_lens.views.html.write_attention_html` (default: every
-    position, image features grouped per grid row). Never runs the model.
+    attention pages and the layers the heatmaps average over (default: all); ``window=(start, end)`` the positions the
+    attention pages show one by one (default: every position, image features grouped per grid row;
+    see :func:`llava_lens.views.html.write_attention_html`, whose ``group_image=False`` shows every
+    image feature on its own). Never runs the model.
 
     Returns the written paths by role (the manifest's own path under ``"manifest"``).
     """
@@ -103,8 +103,7 @@ def export(trace: Trace, out_dir: str | Path, lens_result: Optional[LogitLens] =
     n_layers = trace.info.n_layers
     chosen = None if layers is None else sorted({x % n_layers for x in layers})
     written: dict[str, list[Path]] = {}
-    pages = write_attention_html(trace, out / "attention", chosen, window=window, inline=inline_js,
-                                 group_image=group_image)
+    pages = write_attention_html(trace, out / "attention", chosen, window=window, inline=inline_js)
     written["attention"] = pages + ([] if inline_js else [out / "attention" / "circuitsvis.js"])
     if lens_result is not None:
         written["logit_lens"] = plots.save_figure(plots.plot_logit_lens(lens_result), out / "logit_lens.png",
@@ -121,6 +120,6 @@ def export(trace: Trace, out_dir: str | Path, lens_result: Optional[LogitLens] =
         written["trace"] = [out / "trace.json", out / "trace.safetensors"]
         written["image"] = [out / "image.png"]
     options = {"layers": chosen, "map": map_name, "window": None if window is None else list(window),
-               "group_image": group_image, "inline_js": inline_js}
+               "group_image": True, "inline_js": inline_js}
     written["manifest"] = [write_manifest(out, trace, written, options)]
     return written
