@@ -117,8 +117,15 @@ window.addEventListener("load", function () {
       views[i].querySelector(".cv-heads-button").click();
       i++; setTimeout(next, 500);
     } else {
-      var hm = document.getElementById("heatmap-canvas");
+      var hm = document.getElementById("heatmap-canvas"), method = document.getElementById("map-method");
       out.heatmap = [hm.width, hm.height, inked(hm)];
+      out.legends = {};  // every map method, drawn for the last generated token
+      var step = document.getElementById("step-select");
+      step.value = String(step.options.length - 1); step.dispatchEvent(new Event("change"));
+      for (var k = 0; k < method.options.length; k++) {
+        method.value = method.options[k].value; method.dispatchEvent(new Event("change"));
+        out.legends[method.value] = document.getElementById("map-legend").textContent;
+      }
       var pre = document.createElement("pre"); pre.id = "selftest";
       pre.textContent = JSON.stringify(out); document.body.appendChild(pre);
     }
@@ -155,6 +162,10 @@ def test_report_renders_in_chromium(rendered):
         assert view["patterns"] >= 1 and view["zoomed"], view  # AttentionPatterns + AttentionHeads' zoomed panel
     width, height, ink = selftest["heatmap"]
     assert width >= 448 and height > 0 and ink > 0
+    legends = selftest["legends"]
+    assert set(legends) == {"llm_mean", "llm_max", "vlm_visualizer", "vit_rollout", "head"}
+    for name, legend in legends.items():  # each method drew a map with a positive max
+        assert legend.startswith("0 … max = ") and float(legend.split()[4]) > 0, (name, legend)
     own = dom[dom.index('<section id="summary"'):dom.index('<section id="attention"')]
     assert "&lt;/script&gt;&lt;script&gt;alert('x')&lt;/script&gt;" in own and "<script>alert" not in own
 

@@ -1,5 +1,9 @@
 """The report's image heatmap, computed in the page from stored rows: :func:`map_section`.
 
+Methods: LLM attention (mean over heads, any layer range), LLM max over heads, VLM-Visualizer and
+ViT rollout (when the trace holds the ViT attention they need; else the page says why not), and one
+head of a layer shown in the attention section (from that layer's per-head rows, base grid).
+
 Stored per method: ``[S, L', rows*cols]`` bytes (each ``(step, layer)`` row scaled to its max,
 the maxima beside it), ``L'`` = every LM layer for ``llm_mean`` (the page averages the layer range
 picked) and 1 for the precomputed maps. Bytes: ``S L n`` for ``llm_mean``, so a NeXT trace whose
@@ -82,13 +86,17 @@ def map_data(trace: Trace) -> tuple[dict, list[str]]:
             continue
         tile = 0 if grid.shape[-2:] == tuple(trace.vision_span.grids[0]) else len(trace.vision_span.grids) - 1
         methods[name] = _pack(grid[:, None], trace, tile, label, unit)
-    return {"methods": methods, "alpha": HEAT_ALPHA}, notes
+    rows, cols = trace.vision_span.grids[0]
+    base = {"rows": rows, "cols": cols, "region": _region(trace, 0), "unit": "attention of one head"}
+    return {"methods": methods, "base": base, "alpha": HEAT_ALPHA}, notes
 
 
 def map_section(trace: Trace) -> str:
     """Heatmap viewer: token, method and layer range pickers over a canvas of the image."""
     data, notes = map_data(trace)
     methods = "".join(f'<option value="{k}">{html.escape(m["label"])}</option>' for k, m in data["methods"].items())
+    methods += '<option value="head">one head (of layer "layers from"; base grid; layers shown below only)</option>'
+    heads = "".join(f'<option value="{h}">H{h}</option>' for h in range(trace.info.n_heads))
     layers = "".join(f'<option value="{i}">{i}</option>' for i in range(trace.info.n_layers))
     last = trace.info.n_layers - 1
     layers_to = layers.replace(f'value="{last}"', f'value="{last}" selected')
@@ -96,7 +104,8 @@ def map_section(trace: Trace) -> str:
     return (f'<section id="heatmaps"><h3>Where each generated token looked</h3>'
             f'<label>map <select id="map-method">{methods}</select></label> '
             f'<label>layers <select id="layer-from">{layers}</select></label>'
-            f'<label> to <select id="layer-to">{layers_to}</select></label><br>'
+            f'<label> to <select id="layer-to">{layers_to}</select></label> '
+            f'<label>head <select id="map-head" disabled>{heads}</select></label><br>'
             f'<canvas id="heatmap-canvas" width="448" height="448"></canvas><br>'
             f'<span class="colorbar"></span> <span id="map-legend" class="note"></span>'
             f'<p class="note">Each map is scaled to its own max (colour bar: 0 … max); attention rows '

@@ -155,15 +155,36 @@ function values(m) {
   for (var q = 0; q < n; q++) { v[q] /= (b - a + 1); }
   return v;
 }
+var head = document.getElementById("map-head");
+// one head's map, from the per-head rows stored with that layer's attention view (shown layers only)
+function headValues() {
+  var el = document.getElementById("layer-" + lo.value);
+  if (!el) { return null; }
+  if (!el.llHead) {
+    var x = JSON.parse(el.querySelector(".layer-data").textContent);
+    el.llHead = {bytes: LL.bytes(x.maps), max: x.mapMax, heads: x.heads};
+  }
+  var h = el.llHead, s = LL.step(), k = Math.min(+head.value, h.heads - 1), n = d.base.rows * d.base.cols;
+  var v = new Float64Array(n), scale = h.max[s][k] / 255, off = (s * h.heads + k) * n;
+  for (var p = 0; p < n; p++) { v[p] = h.bytes[off + p] * scale; }
+  return v;
+}
 function draw() {
-  var m = d.methods[method.value], v = values(m), n = v.length, top = 0;
-  for (var p = 0; p < n; p++) { top = Math.max(top, v[p]); }
-  var q = new Uint8Array(n);
-  for (var r = 0; r < n; r++) { q[r] = top > 0 ? Math.round(255 * v[r] / top) : 0; }
+  var one = method.value === "head", m = one ? d.base : d.methods[method.value];
+  var v = one ? headValues() : values(m);
+  lo.disabled = !one && m.layers < 2; hi.disabled = one || m.layers < 2; head.disabled = !one;
   var W = img.naturalWidth, H = img.naturalHeight, k = Math.max(1, Math.ceil(448 / Math.max(W, 1)));
   canvas.width = W * k; canvas.height = H * k;
   var ctx = canvas.getContext("2d");
   ctx.drawImage(img, 0, 0, canvas.width, canvas.height);
+  if (!v) {
+    legend.textContent = "per-head rows are stored only for the layers shown under 'Attention per layer'";
+    return;
+  }
+  var n = v.length, top = 0;
+  for (var p = 0; p < n; p++) { top = Math.max(top, v[p]); }
+  var q = new Uint8Array(n);
+  for (var r = 0; r < n; r++) { q[r] = top > 0 ? Math.round(255 * v[r] / top) : 0; }
   var off = document.createElement("canvas");
   LL.paint(off, q, 0, m.rows, m.cols, d.alpha);
   ctx.imageSmoothingEnabled = false;
@@ -171,10 +192,9 @@ function draw() {
   ctx.drawImage(off, box[1] * canvas.width, box[0] * canvas.height,
                 (box[3] - box[1]) * canvas.width, (box[2] - box[0]) * canvas.height);
   legend.textContent = "0 … max = " + top.toPrecision(3) + " (" + m.unit + "); colour and opacity ∝ value / max";
-  lo.disabled = hi.disabled = m.layers < 2;
 }
 if (!img) { legend.textContent = "no input image in this run: heatmap not drawn"; return; }
-[method, lo, hi, document.getElementById("step-select")].forEach(function (el) {
+[method, lo, hi, head, document.getElementById("step-select")].forEach(function (el) {
   if (el) { el.addEventListener("change", draw); }
 });
 if (img.complete && img.naturalWidth) { draw(); } else { img.addEventListener("load", draw); }
