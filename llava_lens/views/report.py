@@ -152,7 +152,8 @@ def write_report(run_dir: str | Path, layers: Optional[Sequence[int]] = None,
         window = tuple(options["window"])
     group_image = bool(options.get("group_image", True))
     figures, notes = _figures(run, manifest)
-    head = "".join([_summary(trace, run), step_select(trace), map_section(trace), figures])
+    head = "".join([_summary(trace, run), f'<div id="step-bar">{step_select(trace)}</div>', map_section(trace),
+                    figures])
     groups = group_positions(trace, window, group_image)
     budget = MAX_BYTES - len(head) - 1_400_000  # the inlined bundle
     chosen = report_layers(trace, manifest, layers, budget, _layer_cost(trace, len(groups.labels)))

@@ -45,6 +45,7 @@ img.figure {{ max-width: 100%; }}
 .head-maps {{ display: flex; flex-wrap: wrap; gap: 4px; }}
 .head-maps figure {{ margin: 0; font-size: 10px; text-align: center; }}
 .head-maps canvas {{ width: 72px; image-rendering: pixelated; border: 1px solid #ccc; display: block; }}
+#step-bar {{ position: sticky; top: 0; background: #fff; z-index: 10; padding: 6px 0; }}
 .missing, .note {{ color: #555; font-size: 90%; }}
 .missing {{ color: #a33; }}
 </style>
