@@ -150,8 +150,19 @@ def test_grouped_attention_matches_dense_reference(setup):
     expected = onehot.T @ mat @ onehot / onehot.sum(0)[None, :, None]
     got, known = vhtml.grouped_attention(trace, 1, groups, chunk=5)
     torch.testing.assert_close(got, expected)
-    assert known.all()
-    torch.testing.assert_close(got.sum(-1), torch.ones_like(got.sum(-1)))  # rows still sum to 1
+    # the prefill summary keeps text-query rows only: image-row groups have no query row
+    is_image = torch.tensor([label.startswith("▣") for label in groups.labels])
+    assert torch.equal(known, ~is_image)
+    sums = got[:, known].sum(-1)
+    torch.testing.assert_close(sums, torch.ones_like(sums), atol=1e-3, rtol=0)  # fp16 rows
+    # with raw prefill patterns every row is known, and grouped rows still sum to 1
+    raw = synthetic_trace(3, layers=2, heads=2, prefill_layers=(1,))
+    groups = vhtml.group_positions(raw)
+    got, known = vhtml.grouped_attention(raw, 1, groups, chunk=100)
+    onehot = torch.nn.functional.one_hot(groups.group, len(groups.labels)).float()
+    expected = onehot.T @ vhtml.attention_matrix(raw, 1) @ onehot / onehot.sum(0)[None, :, None]
+    torch.testing.assert_close(got, expected)
+    assert known.all() and torch.allclose(got.sum(-1), torch.ones(1), atol=1e-3)
     # a window shows its positions and folds the rest into one group each side
     win = vhtml.group_positions(trace, window=(2, 12), group_image=False)
     assert win.labels[0] == "⋯0–1" and win.labels[-1] == f"⋯12–{n_t - 1}" and len(win.labels) == 12
@@ -164,10 +175,11 @@ def test_missing_prefill_is_said_and_rows_stay_known(setup):
     trace, _ = setup
     bare = dataclasses.replace(trace, prefill={})
     groups = vhtml.group_positions(bare)
-    att, known = vhtml.grouped_attention(bare, 0, groups)
-    assert known.sum() == len(trace.steps) and att[:, known].sum(-1).allclose(torch.ones(1))
-    html_text = vhtml.layer_section(bare, 0, groups)
+    att, known = vhtml.grouped_attention(dataclasses.replace(bare, summary=None), 0, groups)
+    assert known.sum() == len(trace.steps) and att[:, known].sum(-1).allclose(torch.ones(1), atol=1e-3)
+    html_text = vhtml.layer_section(dataclasses.replace(bare, summary=None), 0, groups)
     assert "Prompt rows not available" in html_text and "blocks.0.attn.hook_pattern" in html_text
+    assert "keeps the rows of the text queries only" in vhtml.layer_section(bare, trace.summary.layers[0], groups)
 
 
 def test_head_image_maps_match_grid(setup):

@@ -86,18 +86,32 @@ def n_positions(trace: Trace) -> int:
     return len(trace.prompt_ids) + max(len(trace.steps) - 1, 0)
 
 
+def prompt_rows(trace: Trace, layer: int) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """``(rows [H, q, P], query positions [q])`` of ``layer``'s prompt attention, or ``(None, None)``.
+
+    From a raw ``blocks.L.attn.hook_pattern`` prefill capture (every prompt query), else from the
+    prefill summary (text queries only, for the layers it kept).
+    """
+    pre = trace.prefill.get(hooks.attn_pattern(layer))
+    if pre is not None:
+        return pre, torch.arange(pre.shape[1])
+    summary = getattr(trace, "summary", None)
+    rows = summary.rows(layer) if summary is not None else None
+    return (rows, summary.text_positions) if rows is not None else (None, None)
+
+
 def attention_matrix(trace: Trace, layer: int) -> torch.Tensor:
     """``[H, T, T]`` attention of ``layer`` over positions ``T = prompt_len + n_steps - 1``.
 
-    Rows of prompt positions come from ``trace.prefill`` (zeros when it was not captured);
-    the rows of the positions that produced each generated token from ``Step.attention``
-    (future keys are 0). Memory ``H T^2``: for small traces; the views use :func:`grouped_attention`.
+    Prompt rows come from :func:`prompt_rows` (rows not captured are zeros); the rows of the
+    positions that produced each generated token from ``Step.attention`` (future keys are 0).
+    Memory ``H T^2``: for small traces; the views use :func:`grouped_attention`.
     """
     prompt_len, n_t = len(trace.prompt_ids), n_positions(trace)
     mat = torch.zeros(trace.info.n_heads, n_t, n_t)
-    pre = trace.prefill.get(hooks.attn_pattern(layer))
-    if pre is not None:
-        mat[:, :prompt_len, :prompt_len] = pre.float()
+    rows, queries = prompt_rows(trace, layer)
+    if rows is not None:
+        mat[:, queries, :prompt_len] = rows.float()
     for step in trace.steps:
         row = step.attention[layer].float()  # [H, keys]
         mat[:, step.position, : row.shape[-1]] = row
@@ -178,21 +192,24 @@ def grouped_attention(trace: Trace, layer: int, groups: PositionGroups,
     """``[H, G, G]`` attention between position groups of ``layer``, and ``[G]`` bool "rows known".
 
     Keys are summed within a group and query rows averaged over the group's rows that were
-    captured (prompt rows need ``trace.prefill`` ``blocks.{layer}.attn.hook_pattern``; generated
-    rows come from ``Step.attention``). The prefill is read ``chunk`` query rows at a time, so
-    memory is ``H (chunk T + G^2)``, never ``H T^2``.
+    captured (prompt rows: :func:`prompt_rows`; generated rows: ``Step.attention``). The prefill
+    is read ``chunk`` query rows at a time, so memory is ``H (chunk T + G^2)``, never ``H T^2``.
     """
     n_heads, n_groups = trace.info.n_heads, len(groups.labels)
     g = groups.group
     out = torch.zeros(n_heads, n_groups, n_groups)
     counts = torch.zeros(n_groups)
-    pre = trace.prefill.get(hooks.attn_pattern(layer))
+    pre, queries = prompt_rows(trace, layer)
     if pre is not None:
+        # the step rows are authoritative (step 0's query is also the last prompt row)
+        fresh = ~torch.isin(queries, torch.tensor([s.position for s in trace.steps], dtype=torch.long))
         for q0 in range(0, pre.shape[1], chunk):
-            rows = pre[:, q0:q0 + chunk].float()  # [H, c, P]
+            keep = fresh[q0:q0 + chunk]
+            rows = pre[:, q0:q0 + chunk][:, keep].float()  # [H, c, P]
+            q = g[queries[q0:q0 + chunk][keep]]
             keyed = torch.zeros(n_heads, rows.shape[1], n_groups).index_add_(2, g[: rows.shape[2]], rows)
-            out.index_add_(1, g[q0:q0 + rows.shape[1]], keyed)
-            counts.index_add_(0, g[q0:q0 + rows.shape[1]], torch.ones(rows.shape[1]))
+            out.index_add_(1, q, keyed)
+            counts.index_add_(0, q, torch.ones(rows.shape[1]))
     for step in trace.steps:
         row = step.attention[layer].float()  # [H, keys]
         keyed = torch.zeros(n_heads, n_groups).index_add_(1, g[: row.shape[-1]], row)
@@ -234,9 +251,15 @@ def layer_data(trace: Trace, layer: int, groups: PositionGroups) -> dict:
 def _missing_note(trace: Trace, layer: int) -> str:
     if hooks.attn_pattern(layer) in trace.prefill:
         return ""
-    return (f"<p class=\"missing\">Prompt rows not available: this trace has no "
-            f"<code>{hooks.attn_pattern(layer)}</code> prefill (trace with a prefill capture of this layer); "
-            "only the rows of the generated tokens are shown, the prompt rows are empty.</p>")
+    summary = getattr(trace, "summary", None)
+    if summary is not None and layer in summary.layers:
+        return ("<p class=\"missing\">Prompt rows: the trace's prefill summary keeps the rows of the text queries "
+                "only; the rows of image-feature queries are empty (capture "
+                f"<code>{hooks.attn_pattern(layer)}</code> raw for them).</p>")
+    kept = f" (it keeps layers {summary.layers})" if summary is not None else ""
+    return (f"<p class=\"missing\">Prompt rows not available: this trace has no prefill attention for layer "
+            f"{layer}{kept}, raw (<code>{hooks.attn_pattern(layer)}</code>) or summarised; only the rows of "
+            "the generated tokens are shown, the prompt rows are empty.</p>")
 
 
 def layer_section(trace: Trace, layer: int, groups: PositionGroups, active: bool = False) -> str:

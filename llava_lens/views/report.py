@@ -101,6 +101,8 @@ def report_layers(trace: Trace, manifest: Optional[dict], layers: Optional[Seque
                   budget: Optional[int] = None, layer_cost: int = 0) -> list[int]:
     """The layers to show: as asked, else those export wrote pages for (else all), thinned out.
 
+    Among exported layers, those whose prompt rows the trace's prefill summary kept are preferred.
+
     The default is thinned evenly (first and last kept) to ``MAX_LAYERS``, and further while
     ``budget`` bytes cannot hold ``layer_cost`` per layer.
     """
@@ -109,6 +111,9 @@ def report_layers(trace: Trace, manifest: Optional[dict], layers: Optional[Seque
         return sorted({layer % n for layer in layers})
     found = sorted({int(f["layer"]) for f in _role_files(manifest, "attention") if "layer" in f})
     found = [x for x in found if 0 <= x < n] or list(range(n))
+    summary = getattr(trace, "summary", None)  # layers whose prompt rows the trace kept come first
+    kept = [x for x in (summary.layers if summary is not None else []) if x in found]
+    found = kept or found
     keep = MAX_LAYERS if budget is None or layer_cost <= 0 else max(1, min(MAX_LAYERS, budget // layer_cost))
     if len(found) <= keep:
         return found
