@@ -96,8 +96,12 @@ def test_report_reads_the_manifest(setup, tmp_path):
     assert 'id="layer-1"' in text and 'id="layer-0"' not in text  # the exported layers, from the manifest
     manifest = json.loads((out / "run.json").read_text())
     manifest["files"] = [f for f in manifest["files"] if f["role"] != "logit_lens"]
+    manifest["files"].append({"path": "../outside.png", "kind": "png", "role": "logit_lens_target"})
+    (tmp_path / "outside.png").write_bytes((out / "image.png").read_bytes())
     (out / "run.json").write_text(json.dumps(manifest))
-    assert 'id="logit-lens"' not in write_report(out).read_text()  # not listed = not guessed from file names
+    text = write_report(out).read_text()
+    assert 'id="logit-lens"' not in text  # not listed = not guessed from file names
+    assert "../outside.png (logit_lens_target) is outside the run directory" in text
     (out / "run.json").unlink()
     assert "no run.json in this run directory" in write_report(out).read_text()
 
@@ -169,6 +173,8 @@ def test_grouped_attention_matches_dense_reference(setup):
     assert "positions 2–11" in win.note
     with pytest.raises(LlavaLensError):
         vhtml.group_positions(trace, window=(5, 5))
+    with pytest.raises(LlavaLensError, match="smaller window"):  # too many to show is said, not cropped
+        vhtml.group_positions(synthetic_trace(1, layers=1, heads=1), group_image=False)
 
 
 def test_missing_prefill_is_said_and_rows_stay_known(setup):

@@ -38,6 +38,8 @@ from llava_lens.views.scripts import ATTENTION_JS, STYLE, colormap_json
 JS_NAME = "circuitsvis.js"
 MAX_IMAGE_GROUPS = 32
 """Image groups per grid at most: rows are merged k at a time above this (a 48-row NeXT grid: 2)."""
+MAX_SHOWN = 400
+"""Rows/columns an attention view may have (its data grow with their square): more is an error."""
 
 
 def circuitsvis_js() -> str:
@@ -175,6 +177,9 @@ def group_positions(trace: Trace, window: Optional[tuple[int, int]] = None,
             keys[key] = len(labels)
             labels.append(text)
         group[p] = keys[key]
+    if len(labels) > MAX_SHOWN:
+        raise LlavaLensError(f"the attention view would show {len(labels)} rows/columns (at most {MAX_SHOWN}): "
+                             "pick a smaller window or keep image features grouped")
     sizes = torch.bincount(group, minlength=len(labels)).tolist()
     n_img = sum(1 for p in image if start <= p < end)
     note = (f"positions {start}–{end - 1} of {n_t} ({'all' if window is None else 'window'}); "

@@ -79,7 +79,9 @@ def _figures(run: Path, manifest: Optional[dict]) -> tuple[str, list[str]]:
             if entry.get("kind") not in ("png", "jpg", "jpeg"):
                 continue
             path = run / str(entry.get("path", ""))
-            if not path.is_file():
+            if not path.resolve().is_relative_to(run.resolve()):
+                notes.append(f"{entry.get('path')} ({role}) is outside the run directory: not embedded")
+            elif not path.is_file():
                 notes.append(f"{entry.get('path')} ({role}) is listed in {MANIFEST} but missing")
             elif path.stat().st_size > MAX_FIGURE_BYTES:
                 notes.append(f"{entry['path']} ({role}) not embedded: {path.stat().st_size / 1e6:.1f} MB")
