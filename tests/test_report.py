@@ -221,3 +221,9 @@ def test_report_size_at_real_geometry(tmp_path, geometry):
     assert f"positions 0–{sum(groups.sizes) - 1} of {sum(groups.sizes)} (all)" in text
     if "next_grid" in geometry:
         assert "Prompt rows not available" in text  # no prefill stored: said on the page
+
+
+def test_report_of_a_trace_without_generated_tokens(tmp_path):
+    _, path = _synthetic_run(tmp_path, n_steps=0, layers=2, heads=2)
+    text = path.read_text(encoding="utf-8")
+    assert "No generated token." in text and 'id="layer-1"' in text

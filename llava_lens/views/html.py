@@ -230,6 +230,9 @@ def head_image_maps(trace: Trace, layer: int, tile: int = 0) -> tuple[torch.Tens
     """
     span = trace.vision_span
     rows = [span.to_grid(s.attention[layer].float()[:, span.positions], tile).flatten(1) for s in trace.steps]
+    if not rows:
+        cells = span.grids[tile][0] * span.grids[tile][1]
+        return torch.zeros(0, trace.info.n_heads, cells), torch.zeros(0, trace.info.n_heads)
     maps = torch.stack(rows)
     top = maps.amax(-1)
     return maps / top.clamp_min(1e-12)[..., None], top

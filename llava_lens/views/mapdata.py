@@ -93,6 +93,8 @@ def map_data(trace: Trace) -> tuple[dict, list[str]]:
 
 def map_section(trace: Trace) -> str:
     """Heatmap viewer: token, method and layer range pickers over a canvas of the image."""
+    if not trace.steps:
+        return '<section id="heatmaps"><h3>Where each generated token looked</h3><p>No generated token.</p></section>\n'
     data, notes = map_data(trace)
     methods = "".join(f'<option value="{k}">{html.escape(m["label"])}</option>' for k, m in data["methods"].items())
     methods += '<option value="head">one head (of layer "layers from"; base grid; layers shown below only)</option>'

@@ -102,6 +102,7 @@ function build(view) {
 }
 function drawHeads(view) {
   var d = view.llData, box = view.querySelector(".head-maps"), s = LL.step();
+  if (!d.mapMax.length) { box.textContent = "no generated token: no per-head map"; return; }
   var rows = d.grid[0], cols = d.grid[1], n = rows * cols;
   if (!box.childElementCount) {
     for (var h = 0; h < d.heads; h++) {
