@@ -18,7 +18,7 @@ from llava_lens.analysis import (
     row_entropy,
 )
 from llava_lens.analysis.contrastive import contrastive_maps
-from llava_lens.analysis.knockout import knockout_windows, plot_knockout
+from llava_lens.analysis.knockout import knockout_windows
 from llava_lens.analysis.metrics import auc, patch_chance
 from llava_lens.analysis.rescoring import deletion_insertion, masked_images, patch_order
 
@@ -125,18 +125,36 @@ def test_knockout_all_layers_changes_output_and_none_changes_nothing(lens, image
     assert len(result.windows) == lens.n_layers and result.baseline == pytest.approx(base)
 
 
-def test_plots_write_files(lens, prefill_trace, tmp_path, image):
-    from llava_lens.analysis.entropy import plot_entropy
-    from llava_lens.analysis.heads import plot_head_focus
-    from llava_lens.analysis.sinks import plot_sinks
+def test_plots_return_figures(lens, prefill_trace, tmp_path, image):
+    from matplotlib.figure import Figure
+
+    from llava_lens.views.analysis_plots import plot_entropy, plot_head_focus, plot_knockout, plot_sinks
+    from llava_lens.views.plots import save_figure
 
     focus = head_focus(lens, prefill_trace, 1)
     assert focus.image_share.shape == focus.blank_change.shape == (lens.n_layers, lens.n_heads)
     result = knockout_windows(lens, image, "what color is the circle ?", [], 5)
-    paths = (plot_head_focus(focus, tmp_path / "heads") + plot_knockout(result, tmp_path / "ko")
-             + plot_sinks(find_sinks(prefill_trace), tmp_path / "sinks")
-             + plot_entropy(image_attention_entropy(prefill_trace), prefill_trace.tokens, tmp_path / "ent"))
+    figs = [plot_head_focus(focus), plot_knockout(result, title="tab\there"), plot_sinks(find_sinks(prefill_trace)),
+            plot_entropy(image_attention_entropy(prefill_trace), ["a\tb", "<id:32010>", "x"])]
+    assert all(isinstance(f, Figure) for f in figs)
+    assert len(figs[0].axes) == 4 and len(figs[2].axes) == 2  # every heatmap panel has its colour bar
+    paths = [p for i, f in enumerate(figs) for p in save_figure(f, tmp_path / f"fig{i}.png")]
     assert all(p.stat().st_size > 0 for p in paths)
+
+
+def test_analysis_never_imports_views():
+    import ast
+    from pathlib import Path
+
+    import llava_lens
+
+    root = Path(llava_lens.__file__).parent
+    files = [*(root / "analysis").glob("*.py"), root / "lens.py", root / "grounding.py"]
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n.startswith("llava_lens.views") for n in names), f"{path.name} imports {names}"
 
 
 def test_deletion_insertion_endpoints(lens, prefill_trace):

@@ -7,8 +7,7 @@ not about the question; subtracting it keeps what the question adds.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -65,23 +64,3 @@ def contrastive_map_fn(lens: Any, method: str = "llm_mean", question: str = GENE
         return contrastive_map(MAPS[method](trace, layers), memo[key])
 
     return fn
-
-
-def plot_contrastive(maps: ContrastiveMaps, image: Any, path: str | Path, title: Optional[str] = None) -> list[Path]:
-    """Image overlays of the task map, the generic map and their difference."""
-    import numpy as np
-
-    from llava_lens.views.plots import _figure, _save
-
-    fig = _figure(9, 3)
-    for i, (name, grid) in enumerate([("task", maps.task), ("generic", maps.generic),
-                                      ("task - generic", maps.difference)]):
-        ax = fig.add_subplot(1, 3, i + 1)
-        ax.imshow(np.asarray(image))
-        h, w = np.asarray(image).shape[:2]
-        lim = float(grid.abs().max()) or 1.0
-        ax.imshow(grid.numpy(), cmap="bwr" if i == 2 else "jet", alpha=0.5, extent=(0, w, h, 0),
-                  vmin=-lim if i == 2 else None, vmax=lim if i == 2 else None, interpolation="nearest")
-        ax.set_title(name if i or not title else f"{title}: {name}", fontsize=9)
-        ax.axis("off")
-    return _save(fig, Path(path))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 
@@ -25,17 +24,3 @@ def image_attention_entropy(trace: Trace, normalized: bool = False) -> torch.Ten
     """
     ent = row_entropy(image_attention(trace)).mean(-1)  # [S, L, H] -> [S, L]
     return ent / math.log(len(trace.vision_span)) if normalized else ent
-
-
-def plot_entropy(entropy: torch.Tensor, tokens: list[str], path: str | Path) -> list[Path]:
-    """One line per generated step: normalised image-attention entropy by layer."""
-    from llava_lens.views.plots import _figure, _save, clean_token
-
-    fig = _figure(5, 3)
-    ax = fig.add_subplot(1, 1, 1)
-    for s, tok in enumerate(tokens):
-        ax.plot(range(entropy.shape[1]), entropy[s].tolist(), marker="o", label=clean_token(tok))
-    ax.set_xlabel("layer")
-    ax.set_ylabel("image-attention entropy")
-    ax.legend(fontsize=7, ncol=2)
-    return _save(fig, Path(path))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
@@ -71,21 +70,3 @@ def head_focus(lens: Any, trace: Trace, step: int, image: Optional[np.ndarray] =
     image = np.asarray(trace.image) if image is None else image
     change = head_blank_change(lens, image, trace.question, trace.token_ids[:step])
     return HeadFocus(head_image_share(trace, step), change)
-
-
-def plot_head_focus(focus: HeadFocus, path: str | Path) -> list[Path]:
-    """Layer x head heatmaps of the image share (and the blank-image change when present)."""
-    from llava_lens.views.plots import _figure, _save
-
-    panels = [("image attention share", focus.image_share)]
-    if focus.blank_change is not None:
-        panels.append(("output change, blank image", focus.blank_change))
-    fig = _figure(4 * len(panels), 3)
-    for i, (title, values) in enumerate(panels):
-        ax = fig.add_subplot(1, len(panels), i + 1)
-        im = ax.imshow(values.numpy(), cmap="viridis", origin="lower", aspect="auto")
-        ax.set_xlabel("head")
-        ax.set_ylabel("layer")
-        ax.set_title(title, fontsize=9)
-        fig.colorbar(im, ax=ax)
-    return _save(fig, Path(path))

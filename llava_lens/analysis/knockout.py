@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -64,20 +63,3 @@ def knockout_windows(lens: Any, image: Any, question: str, prefix_ids: Sequence[
     base = knockout_prob(lens, image, question, prefix_ids, target_id, [])
     everything = knockout_prob(lens, image, question, prefix_ids, target_id, list(range(n)))
     return Knockout(windows, probs, base, everything)
-
-
-def plot_knockout(result: Knockout, path: str | Path, title: str = "") -> list[Path]:
-    """Bar chart of the answer probability per knocked-out window, with the no-knockout baseline."""
-    from llava_lens.views.plots import _figure, _save
-
-    fig = _figure(5, 3)
-    ax = fig.add_subplot(1, 1, 1)
-    labels = [f"L{w[0]}" if len(w) == 1 else f"L{w[0]}-{w[-1]}" for w in result.windows] + ["all"]
-    ax.bar(labels, result.probs.tolist() + [result.all_layers], color="#1f77b4")
-    ax.axhline(result.baseline, color="k", ls="--", lw=1, label="no knockout")
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("answer probability")
-    ax.set_xlabel("layers with image attention blocked")
-    ax.set_title(title or "attention knockout (last position -> image)", fontsize=9)
-    ax.legend(fontsize=8)
-    return _save(fig, Path(path))

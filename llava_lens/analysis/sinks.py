@@ -10,13 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch
 
 from llava_lens import hooks
-from llava_lens.grounding import image_attention
 from llava_lens.trace import Trace
 
 
@@ -61,12 +59,6 @@ def find_sinks(trace: Trace, k: float = 3.0, layers: Optional[Sequence[int]] = N
     return Sinks(norms, is_sink, ratio, k, layers)
 
 
-def sink_attention_share(trace: Trace, sinks: Sinks) -> torch.Tensor:
-    """``[S, L]``: share of each step's image attention (mean over heads) that goes to the sinks."""
-    att = image_attention(trace).mean(2)  # [S, L, n]
-    return att[..., sinks.is_sink].sum(-1) / att.sum(-1).clamp_min(1e-12)
-
-
 def exclude_sinks(grid: torch.Tensor, trace: Trace, sinks: Sinks) -> torch.Tensor:
     """A ``[..., rows, cols]`` map with the sink patches set to 0, renormalised to its former sum."""
     keep = 1 - trace.vision_span.to_grid(sinks.is_sink.float(), 0)
@@ -80,19 +72,3 @@ def sink_excluded_map(map_fn, sinks_k: float = 3.0):
     def fn(trace: Trace, layers=None) -> torch.Tensor:
         return exclude_sinks(map_fn(trace, layers), trace, find_sinks(trace, sinks_k))
     return fn
-
-
-def plot_sinks(sinks: Sinks, path: str | Path) -> list[Path]:
-    """Norm ratio per image token and layer (a heatmap), sinks marked."""
-    from llava_lens.views.plots import _figure, _save
-
-    fig = _figure(8, 2.5)
-    ax = fig.add_subplot(1, 1, 1)
-    im = ax.imshow(sinks.ratio.numpy(), aspect="auto", cmap="magma")
-    for i in sinks.indices:
-        ax.axvline(i, color="cyan", lw=0.6, ls=":")
-    ax.set_xlabel("image token")
-    ax.set_ylabel("layer (resid_pre)")
-    ax.set_title(f"residual norm / median (sinks: > {sinks.k:g}x, {len(sinks.indices)} found)")
-    fig.colorbar(im, ax=ax)
-    return _save(fig, Path(path))

@@ -1,9 +1,10 @@
 """An interactive Jupyter explorer of a :class:`~llava_lens.Trace`: ``ll.explore(trace)``.
 
 Sliders and selectors for the generated step, a layer range, heads and the map method; it shows
-the image with the selected map (perceptual colormap by alpha, so the image's own colours stay
-visible, with a colour bar), the logit-lens column of the step, the step's attention split
-image / prompt / generated, and, on request, the circuitsvis view of the last selected layer.
+the image with the selected map (:func:`llava_lens.views.plots.plot_heatmap`: perceptual colormap,
+opacity following the value so the image's own colours stay visible, colour bar), the logit-lens
+column of the step, the step's attention split image / prompt / generated, and, on request, the
+circuitsvis view of the last selected layer.
 Works on a saved trace without the model (pass a precomputed :class:`~llava_lens.LogitLens`, or
 the :class:`~llava_lens.LlavaLens` to compute one). Needs ``ipywidgets`` (``pip install
 llava-lens[notebook]``). The state and what each panel shows are plain methods
@@ -16,15 +17,14 @@ from __future__ import annotations
 import html
 from typing import Any, Optional
 
-import numpy as np
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from llava_lens import grounding
 from llava_lens.errors import LlavaLensError
 from llava_lens.lens import LogitLens, logit_lens
 from llava_lens.trace import Trace
+from llava_lens.views import plots
 
 METHODS = ("llm_mean", "llm_max", "vlm_visualizer", "vit_rollout")
 """Map methods offered: LLM attention (mean or max over heads), and the two that need the ViT's attention."""
@@ -36,30 +36,6 @@ def _widgets() -> Any:
     except ImportError:
         raise LlavaLensError("the explorer needs ipywidgets: pip install 'llava-lens[notebook]'") from None
     return ipywidgets
-
-
-def overlay_figure(image: Any, heat: np.ndarray, title: str, label: str) -> Figure:
-    """The image with ``heat [H, W]`` (values >= 0) drawn on it, opacity rising with the value.
-
-    The colour map is perceptual (magma) and its alpha follows the normalised value, so low values
-    leave the image's own colours untouched; the colour bar states the normalisation.
-    """
-    fig = Figure(figsize=(5.2, 4.4))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    ax.imshow(np.asarray(image))
-    vmax = float(np.nanmax(heat)) if np.isfinite(heat).any() and np.nanmax(heat) > 0 else 1.0
-    norm = np.clip(np.nan_to_num(heat) / vmax, 0, 1)
-    import matplotlib
-
-    rgba = matplotlib.colormaps["magma"](norm)
-    rgba[..., 3] = 0.85 * norm
-    ax.imshow(rgba, extent=(-0.5, image.width - 0.5, image.height - 0.5, -0.5))
-    mappable = matplotlib.cm.ScalarMappable(matplotlib.colors.Normalize(0, vmax), "magma")
-    fig.colorbar(mappable, ax=ax, fraction=0.046, pad=0.02, label=label)
-    ax.set_title(title, fontsize=9)
-    ax.axis("off")
-    return fig
 
 
 class Explorer:
@@ -152,7 +128,7 @@ class Explorer:
         token = self.trace.steps[self.step].token
         heads = "all heads" if self.heads is None else f"heads {list(self.heads)}"
         title = f"step {self.step} {token!r}: {self.method}, layers {self.layers[0]}-{self.layers[1]}, {heads}"
-        return overlay_figure(self.trace.image, self.heat().numpy(), title, "attention (scaled to the map's max)")
+        return plots.plot_heatmap(self.trace.image, self.heat(), title)
 
     def _lens_html(self) -> str:
         rows = "".join(f"<tr><td>{html.escape(label)}</td>" + "".join(
