@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import operator
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -32,6 +33,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from llava_lens.forward import ForwardOut, Request, attention_rows
+
+_FWD_HOOKS = operator.attrgetter("fwd_hooks")
 
 LM_ATTENTION = "llava_lens_sdpa_rows"
 VIT_ATTENTION = "llava_lens_sdpa_vit"
@@ -48,6 +51,10 @@ class Sink:
     rows: dict[int, torch.Tensor] = field(default_factory=dict)
     text_rows: dict[int, torch.Tensor] = field(default_factory=dict)
     vit_mean: dict[int, torch.Tensor] = field(default_factory=dict)
+    resid: list[Optional[torch.Tensor]] = field(default_factory=list)
+    """Last position's residual per ``hook_resid_pre`` and the last ``hook_resid_post`` (when default)."""
+    full: Optional[list[Optional[torch.Tensor]]] = None
+    """Every position's residuals, only when the summary asks (holding them costs L x T x d)."""
 
 
 _SINK: contextvars.ContextVar[Optional[Sink]] = contextvars.ContextVar("llava_lens_sink", default=None)
@@ -118,6 +125,38 @@ def _vit_attention_modules(model: torch.nn.Module) -> dict[int, int]:
     return {id(_unwrap(_unwrap(layer).self_attn)): i for i, layer in enumerate(layers)}
 
 
+def _swap(writes: list[tuple[dict, str, torch.nn.Module]]) -> None:
+    for children, name, module in writes:
+        children[name] = module
+
+
+class _AttnImplementation:
+    """``config._attn_implementation``, read and written without the config's attribute machinery.
+
+    Configs route every attribute access through ``__getattribute__`` overrides, and the setter
+    walks ``sub_configs``; text and vision configs have none, so reading and writing the field the
+    property stores into is the same, and ~20x cheaper (it happens four times per forward).
+    """
+
+    FIELD = "_attn_implementation_internal"
+
+    def __init__(self, config: Any):
+        self.config = config
+        direct = not config.sub_configs and self.FIELD in vars(config)
+        self.fields = vars(config) if direct else None
+
+    def get(self) -> Any:
+        """The current implementation name."""
+        return self.fields[self.FIELD] if self.fields is not None else self.config._attn_implementation
+
+    def set(self, name: Any) -> None:
+        """Switch to ``name`` (a registered attention function)."""
+        if self.fields is not None:
+            self.fields[self.FIELD] = name
+        else:
+            self.config._attn_implementation = name
+
+
 class FastForward:
     """Runs the wrapped HF model un-bridged, one forward at a time, recording what a Request asks."""
 
@@ -128,19 +167,27 @@ class FastForward:
         # layer on every access, too slow to consult on every step
         self.hook_points = list({id(hp): hp for hp in lens.bridge.hook_dict.values()}.values())
         self.swaps = _swaps(self.model)
+        # (children dict, name, module) to write for each direction of the swap, resolved once:
+        # `original_component` is a property and `setattr` on a module goes through nn.Module's
+        # __setattr__; a plain dict write per module keeps a swap at ~0.1 us per module
+        self._to_hf = [(parent._modules, name, comp.original_component) for parent, name, comp in self.swaps]
+        self._to_bridge = [(parent._modules, name, comp) for parent, name, comp in self.swaps]
         self.layers = [_unwrap(layer) for layer in self.model.model.language_model.layers]
         # the HF modules, not the bridge components that stand in them while bridged
         self.mid_norms = [_unwrap(layer.post_attention_layernorm) for layer in self.layers]
         self.configs = (self.model.config.text_config, self.model.config.vision_config)
+        self._impls = [(_AttnImplementation(config), name)
+                       for config, name in zip(self.configs, (LM_ATTENTION, VIT_ATTENTION))]
         self.vit_index = _vit_attention_modules(self.model)
         self._depth = 0
+        self._add_resid_hooks()
 
     def bridge_has_hooks(self) -> bool:
         """True when any TransformerLens forward hook is attached: then every hook point must fire.
 
         (Backward hooks cannot fire under the engine's ``inference_mode``.)
         """
-        return any(hp.fwd_hooks for hp in self.hook_points)
+        return any(map(_FWD_HOOKS, self.hook_points))
 
     @contextlib.contextmanager
     def _unbridged(self) -> Iterator[None]:
@@ -152,31 +199,34 @@ class FastForward:
                 finally:
                     self._depth -= 1
                 return
-            text, vision = self.configs
-            saved = (text._attn_implementation, vision._attn_implementation)
-            for parent, name, comp in self.swaps:
-                parent._modules[name] = comp.original_component
-            text._attn_implementation, vision._attn_implementation = LM_ATTENTION, VIT_ATTENTION
+            saved = [impl.get() for impl, _ in self._impls]
+            _swap(self._to_hf)
+            for impl, name in self._impls:
+                impl.set(name)
             try:
                 yield
             finally:
-                text._attn_implementation, vision._attn_implementation = saved
-                for parent, name, comp in self.swaps:
-                    parent._modules[name] = comp
+                for (impl, _), name in zip(self._impls, saved):
+                    impl.set(name)
+                _swap(self._to_bridge)
                 self._depth -= 1
 
-    def _resid_hooks(self, request: Request, resid: list, full: Optional[list]) -> list:
-        """Hooks filling ``resid`` (last position) and, when given, ``full`` (every position).
+    def _add_resid_hooks(self) -> None:
+        """Forward (pre-)hooks on the decoder layers that fill the current sink's residuals.
 
-        ``resid`` gets the rows of ``hooks.resid_stack`` (mid rows too when asked); ``full`` only the
-        ``hook_resid_pre`` rows and the last ``hook_resid_post``.
+        The sink's ``resid`` gets the rows of ``hooks.resid_stack`` (mid rows too when asked),
+        its ``full`` only the ``hook_resid_pre`` rows and the last ``hook_resid_post``.
+        Registered once, for the life of the model: they do nothing unless a fast forward of this
+        thread has set a sink (the bridge path runs the same modules and finds none), so nothing
+        is attached or removed per forward and an abandoned generator leaves nothing behind.
         """
-        step = 2 if request.mid else 1
-
         def keep(layer: int, hidden: torch.Tensor, mid: bool = False) -> None:
-            resid[layer * step + mid] = hidden[:, -1]
-            if full is not None and not mid:  # only when asked: every layer's states cost L x T x d
-                full[layer] = hidden
+            sink = _SINK.get()
+            if sink is None or not sink.resid or (mid and not sink.request.mid):
+                return
+            sink.resid[layer * (2 if sink.request.mid else 1) + mid] = hidden[:, -1]
+            if sink.full is not None and not mid:  # only when asked: every layer's states cost L x T x d
+                sink.full[layer] = hidden
 
         def pre_hook(layer: int, mid: bool = False):
             def hook(module, args, kwargs):
@@ -186,39 +236,34 @@ class FastForward:
         def last_hook(module, args, kwargs, output):
             keep(len(self.layers), output[0] if isinstance(output, tuple) else output)
 
-        if not request.default and full is None:
-            return []
-        handles = [layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True)
-                   for i, layer in enumerate(self.layers)]
-        if request.mid:  # the residual between attention and MLP enters the post-attention norm
-            handles += [norm.register_forward_pre_hook(pre_hook(i, True), with_kwargs=True)
-                        for i, norm in enumerate(self.mid_norms)]
-        handles.append(self.layers[-1].register_forward_hook(last_hook, with_kwargs=True))
-        return handles
+        for i, layer in enumerate(self.layers):
+            layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True)
+        # the residual between attention and MLP is what enters the post-attention norm
+        for i, norm in enumerate(self.mid_norms):
+            norm.register_forward_pre_hook(pre_hook(i, True), with_kwargs=True)
+        self.layers[-1].register_forward_hook(last_hook, with_kwargs=True)
 
     def __call__(self, request: Request) -> ForwardOut:
         """One HF forward of a (left-padded) batch; see :class:`~llava_lens.forward.ForwardOut`."""
         if request.names is not None or request.prefill_names is not None:
             raise ValueError("the fast path records the default capture only; use the bridge path")
         n = len(self.layers) + 1
-        resid: list[Optional[torch.Tensor]] = [None] * (2 * n - 1 if request.mid else n)
         wants_full = request.summary is not None and request.summary.resid
-        full: Optional[list[Optional[torch.Tensor]]] = [None] * n if wants_full else None
-        sink = Sink(request, self.vit_index)
-        handles = self._resid_hooks(request, resid, full)
+        rows = 2 * n - 1 if request.mid else n
+        # an empty `resid` list tells the hooks to record nothing
+        sink = Sink(request, self.vit_index, resid=[None] * rows if request.default or wants_full else [],
+                    full=[None] * n if wants_full else None)
         token = _SINK.set(sink)
         try:
             with self._unbridged():
                 out = self.model(**request.kwargs, use_cache=True, logits_to_keep=1)
         finally:
             _SINK.reset(token)
-            for handle in handles:
-                handle.remove()
         result = ForwardOut(out.logits[:, -1], out.past_key_values, text_rows=sink.text_rows,
                             vit_mean=sink.vit_mean)
         if request.default:
             result.attention = torch.stack([sink.rows[i] for i in range(n - 1)], dim=1)
-            result.resid = torch.stack(resid, dim=1)
-        if full is not None:
-            result.full_resid = torch.stack(full, dim=1)
+            result.resid = torch.stack(sink.resid, dim=1)
+        if sink.full is not None:
+            result.full_resid = torch.stack(sink.full, dim=1)
         return result
