@@ -86,7 +86,11 @@ def main() -> None:
     p.add_argument("--only", choices=["trace"], default=None,
                    help="'trace': only the baseline and trace rows (more rounds in the same time)")
     p.add_argument("--skip-notebook", action="store_true", help="skip the slow full-recompute row")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's); 1 is steadier on a CPU shared with other jobs")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -171,7 +175,7 @@ def print_table(results, notebook, args):
     n = args.new_tokens
     base = results[BASELINE][0]
     print(f"\nmodel={args.model or args.shape} device={args.device} dtype={args.dtype} new_tokens={n} "
-          f"rounds={args.pairs} (interleaved)")
+          f"rounds={args.pairs} (interleaved) threads={torch.get_num_threads()}")
     print(f"{'method':42s} {'best ms/tok':>11s} {'median':>7s} {'best/best':>9s} "
           f"{'paired ratio: median [IQR]':>27s} {'peak MB':>8s} {'KB/step':>8s}")
     rows = list(results.items()) + ([("notebook: run_with_cache every step", notebook)] if notebook else [])
