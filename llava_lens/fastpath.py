@@ -64,8 +64,12 @@ _SINK: contextvars.ContextVar[Optional[Sink]] = contextvars.ContextVar("llava_le
 def _lm_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   attention_mask: Optional[torch.Tensor], scaling: Optional[float] = None, **kwargs: Any):
     """Sdpa attention that also records the rows the current :class:`Sink` asks for."""
-    out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
     sink = _SINK.get()
+    if sink is not None and sink.request.default and _row_is_the_attention(query, kwargs):
+        row = attention_rows(query, key, attention_mask, scaling)  # [B, H, 1, K]
+        sink.rows[module.layer_idx] = row[:, :, 0]
+        return _apply_row(row, value), None
+    out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
     if sink is not None:
         layer = module.layer_idx
         if sink.request.default:
@@ -74,6 +78,25 @@ def _lm_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tenso
         if spec is not None and layer in spec.layers:
             sink.text_rows[layer] = attention_rows(query, key, attention_mask, scaling, spec.queries)
     return out, None
+
+
+def _row_is_the_attention(query: torch.Tensor, kwargs: dict[str, Any]) -> bool:
+    """A float32 decode step (one query, no dropout): the row recorded is all its attention needs.
+
+    Then ``row @ V`` replaces the sdpa call (the same float32 math; on a decode step sdpa does not
+    tile), saving one pass over the keys per layer and step. Lower precisions keep HF's sdpa, whose
+    rounding differs from a float32 product.
+    """
+    return query.shape[2] == 1 and query.dtype == torch.float32 and not kwargs.get("dropout") \
+        and kwargs.get("position_bias") is None
+
+
+def _apply_row(row: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``row [B, H, 1, K] @ value [B, Hkv, K, D]`` in sdpa_attention_forward's output layout ``[B, 1, H, D]``."""
+    heads = row.shape[1]
+    if value.shape[1] != heads:  # grouped-query attention: each kv head serves several query heads
+        value = value.repeat_interleave(heads // value.shape[1], dim=1)
+    return (row @ value).transpose(1, 2)
 
 
 def _vit_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -126,9 +149,22 @@ def _vit_attention_modules(model: torch.nn.Module) -> dict[int, int]:
     return {id(_unwrap(_unwrap(layer).self_attn)): i for i, layer in enumerate(layers)}
 
 
-def _swap(writes: list[tuple[dict, str, torch.nn.Module]]) -> None:
-    for children, name, module in writes:
-        children[name] = module
+def _swap_plan(swaps: list[tuple[torch.nn.Module, str, GeneralizedComponent]], to_hf: bool) -> list[tuple[dict, dict]]:
+    """``(parent._modules, {name: module})`` per parent: what one direction of the swap writes.
+
+    Resolved once: ``original_component`` is a property, and one ``dict.update`` per parent
+    is the cheapest way to put a few hundred modules in place on every forward.
+    """
+    plan: dict[int, tuple[dict, dict]] = {}
+    for parent, name, comp in swaps:
+        children, writes = plan.setdefault(id(parent), (parent._modules, {}))
+        writes[name] = comp.original_component if to_hf else comp
+    return list(plan.values())
+
+
+def _swap(plan: list[tuple[dict, dict]]) -> None:
+    for children, writes in plan:
+        children.update(writes)
 
 
 class _AttnImplementation:
@@ -168,11 +204,7 @@ class FastForward:
         # layer on every access, too slow to consult on every step
         self.hook_points = list({id(hp): hp for hp in lens.bridge.hook_dict.values()}.values())
         self.swaps = _swaps(self.model)
-        # (children dict, name, module) to write for each direction of the swap, resolved once:
-        # `original_component` is a property and `setattr` on a module goes through nn.Module's
-        # __setattr__; a plain dict write per module keeps a swap at ~0.1 us per module
-        self._to_hf = [(parent._modules, name, comp.original_component) for parent, name, comp in self.swaps]
-        self._to_bridge = [(parent._modules, name, comp) for parent, name, comp in self.swaps]
+        self._to_hf, self._to_bridge = _swap_plan(self.swaps, True), _swap_plan(self.swaps, False)
         self.layers = [_unwrap(layer) for layer in self.model.model.language_model.layers]
         # the HF modules, not the bridge components that stand in them while bridged
         self.mid_norms = [_unwrap(layer.post_attention_layernorm) for layer in self.layers]
