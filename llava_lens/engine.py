@@ -240,18 +240,20 @@ class Engine:
         """Run the generation; yields the rows after each recorded step."""
         with torch.inference_mode():
             out = self._prefill()
+        batched, n_keys = len(self.rows) > 1, self.mask.shape[1]
         for index in range(max(r.limit for r in self.rows)):
-            tokens = self._record(out, index, self.mask.shape[1])
+            tokens = self._record(out, index, n_keys)
             yield self.rows
             if all(row.stop for row in self.rows):
                 return
-            # the new token's position is one past the row's last (mask.sum() - 1 is the last)
-            positions = self.mask.sum(-1, keepdim=True).to(self.lens.device)
-            self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
             kwargs = {"input_ids": torch.tensor(tokens, device=self.lens.device)[:, None],
                       "past_key_values": out.past}
-            if len(self.rows) > 1:
+            if batched:
+                # the new token's position is one past the row's last (mask.sum() - 1 is the last)
+                positions = self.mask.sum(-1, keepdim=True).to(self.lens.device)
+                self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
                 kwargs.update(attention_mask=self.mask.to(self.lens.device), position_ids=positions)
+            n_keys += 1  # a batch of one needs no mask or positions (HF's causal fast path)
             with torch.inference_mode():
                 out = self._forward(Request(kwargs, default=self.options.capture.default,
                                             mid=self.options.capture.mid, names=self.names))

@@ -77,13 +77,21 @@ def attention_rows(query: torch.Tensor, key: torch.Tensor, mask: Optional[torch.
     ``index [B, Q]`` picks the query positions (default: the last). Returns ``[B, H, Q, K]`` float32.
     """
     batch, heads, n_q, _ = query.shape
-    keys = key.float().repeat_interleave(heads // key.shape[1], dim=1)
-    if index is None:
-        index = torch.full((batch, 1), n_q - 1, dtype=torch.long, device=query.device)
-    q = query.float().gather(2, index[:, None, :, None].expand(-1, heads, -1, query.shape[-1]))
+    keys = key.float()
+    if keys.shape[1] != heads:  # grouped-query attention: each kv head serves several query heads
+        keys = keys.repeat_interleave(heads // key.shape[1], dim=1)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    scores = (q @ keys.transpose(-1, -2)) * scale  # [B, H, Q, K]
     n_k = keys.shape[2]
+    if index is None:
+        # The last query (every decode step's only one): it sees every key, so only padding can
+        # mask it, and slicing replaces the gathers below (a few fewer small ops per layer and step).
+        scores = (query[:, :, -1:].float() @ keys.transpose(-1, -2)) * scale  # [B, H, 1, K]
+        if mask is not None:
+            rows = mask[:, :, -1:, :n_k]
+            scores = scores.masked_fill(~rows, float("-inf")) if rows.dtype == torch.bool else scores + rows
+        return scores.softmax(-1)
+    q = query.float().gather(2, index[:, None, :, None].expand(-1, heads, -1, query.shape[-1]))
+    scores = (q @ keys.transpose(-1, -2)) * scale  # [B, H, Q, K]
     if mask is not None:
         rows = mask[:, :, :, :n_k].gather(2, index[:, None, :, None].expand(-1, mask.shape[1], -1, n_k))
         scores = scores.masked_fill(~rows, float("-inf")) if rows.dtype == torch.bool else scores + rows
@@ -92,4 +100,3 @@ def attention_rows(query: torch.Tensor, key: torch.Tensor, mask: Optional[torch.
         allowed = torch.arange(n_k, device=q.device)[None, None, :] <= (index + offset)[:, :, None]
         scores = scores.masked_fill(~allowed[:, None], float("-inf"))
     return scores.softmax(-1)
-
