@@ -232,3 +232,27 @@ def test_mid_rows_equal_a_recompute_and_label_the_logit_lens(lens, image, fast):
     assert result.top_ids.shape[0] == 2 * n + 1 and result.layer_labels[1] == "0_mid"
     plain = ll.logit_lens(lens.trace(image, QUESTION, max_new_tokens=3, fast=fast), lens, k=2)
     torch.testing.assert_close(result.target_probs[::2], plain.target_probs, atol=1e-5, rtol=0)
+
+
+def test_hook_attached_mid_generation_fires_and_steps_stay_right(lens, image):
+    """A hook attached half-way through a ``lens.step`` loop fires on the following steps (bridge path),
+    the tokens stay those of an uninterrupted trace, and an abandoned generator leaves the model bridged."""
+    reference = lens.trace(image, QUESTION, max_new_tokens=6, **F32)
+    seen = []
+
+    def record(pattern, hook):
+        seen.append(pattern.shape[-2])
+
+    stepper = lens.step(image, QUESTION, max_new_tokens=6, **F32)
+    steps = [next(stepper), next(stepper)]
+    with lens.bridge.hooks(fwd_hooks=[("blocks.0.attn.hook_pattern", record)]):
+        steps += [next(stepper), next(stepper)]
+    steps.append(next(stepper))
+    del stepper  # abandoned before the end
+    assert seen == [1, 1]  # the two forwards made while the hook was attached, one new position each
+    assert [s.token_id for s in steps] == reference.token_ids[:5]
+    for got, want in zip(steps, reference.steps):
+        torch.testing.assert_close(got.attention, want.attention, atol=1e-5, rtol=0)
+    from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
+    assert isinstance(lens.hf_model.model.language_model.layers[0], GeneralizedComponent)
+    assert all(not hp.fwd_hooks for hp in lens.bridge.hook_dict.values())
