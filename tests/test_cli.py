@@ -250,6 +250,8 @@ def test_trace_writes_views_and_report(llava_dir, image_file, cwd, capsys):
     assert 'id="layer-1"' in report and 'id="layer-0"' not in report
     code, stdout, _ = _run(capsys, "report", out)  # regenerate from the saved views only
     assert code == 0 and stdout.strip() == str(out / "report.html")
+    code, _, err = _run(capsys, "report", out, "--layers", "-1", "99")  # the saved trace knows the layer count
+    assert code == 2 and err.startswith("llava-lens: error: --layers 99: the model has 2 layers")
 
 
 def _safetensor_keys(path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 import time
@@ -83,8 +84,19 @@ class ReportOptions(Options):
         """Write ``run_dir/report.html``; print its path."""
         from llava_lens.views.report import write_report
 
+        n_layers = _saved_n_layers(self.run_dir)
+        if n_layers is not None:
+            check_layers(self.layers, n_layers)
         print(write_report(self.run_dir, layers=self.layers))
         return 0
+
+
+def _saved_n_layers(run_dir: str) -> Optional[int]:
+    """The LM layer count in a run folder's ``trace.json`` (``None`` if unreadable: write_report says why)."""
+    try:
+        return int(json.loads((Path(run_dir) / "trace.json").read_text())["info"]["n_layers"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _question(p: argparse.ArgumentParser) -> None:
