@@ -144,7 +144,7 @@ def _must_not_run(*args, **kwargs):
     (["trace", "a.png", "q", "--max-new-tokens", "0"], "argument --max-new-tokens: must be >= 1, got 0"),
     (["demo", "--max-new-tokens", "-1"], "argument --max-new-tokens: must be >= 1, got -1"),
     (["demo", "--max-new-tokens", "many"], "expected an integer, got 'many'"),
-    (["sweep", "d", "--question", "q", "--out", "o", "--limit", "-1"], "argument --limit: must be >= 1"),
+    (["sweep", "d", "--question", "q", "--out", "o", "--limit", "-1"], "argument --limit: must be >= 0"),
     (["sweep", "d", "--question", "q", "--out", "o", "--batch-size", "0"], "argument --batch-size: must be >= 1"),
     (["sweep", "d", "--question", "q", "--out", "o", "--n-devices", "0"], "argument --n-devices: must be >= 1"),
     (["demo", "--scenes", "-1"], "argument --scenes: must be >= 0, got -1"),

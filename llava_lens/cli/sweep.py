@@ -101,7 +101,7 @@ def add_commands(sub: Any) -> None:
     q.add_argument("--question", help="the question asked about every image")
     q.add_argument("--question-column", help="column of the data holding each example's question")
     p.add_argument("--out", required=True, help="output folder for the Parquet shards")
-    p.add_argument("--limit", type=at_least(1), default=None,
+    p.add_argument("--limit", type=at_least(0), default=None,
                    help="only the first N examples of the data (all ranks together; default: all)")
     p.add_argument("--shard-size", type=at_least(1), default=SweepOptions.shard_size,
                    help=f"rows per Parquet shard, written atomically (default: {SweepOptions.shard_size})")
