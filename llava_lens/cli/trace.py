@@ -110,7 +110,8 @@ def trace_options(args: argparse.Namespace) -> TraceOptions:
     """:class:`TraceOptions` from ``trace``'s namespace: exactly one of QUESTION and --question."""
     if (args.question is None) == (args.question_flag is None):
         args.parser.error("give the question once: `trace IMAGE QUESTION` or `trace IMAGE --question QUESTION`")
-    return TraceOptions.from_args(argparse.Namespace(**{**vars(args), "question": args.question or args.question_flag}))
+    question = args.question_flag if args.question is None else args.question
+    return TraceOptions.from_args(argparse.Namespace(**{**vars(args), "question": question}))
 
 
 def add_commands(sub: Any) -> None:
