@@ -15,10 +15,9 @@ from typing import Any, Optional, Union
 
 import torch
 
+from llava_lens.defaults import DEFAULT_MAX_NEW_TOKENS  # the one default length (API and CLI); torch-free module
 from llava_lens.hooks import NamesFilter
 
-DEFAULT_MAX_NEW_TOKENS = 32
-"""The one default length of a generation (API and CLI)."""
 MAX_VIEW_LAYERS = 8
 """Layers whose prefill attention a default trace keeps, and that the report shows, when none are named."""
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
