@@ -289,9 +289,9 @@ def test_sweep_and_summary(llava_dir, cwd, capsys):
     data.mkdir()
     rng = np.random.default_rng(1)
     rows = []
-    for i in range(3):
+    for i, word in enumerate(("color", "shape", "object")):
         Image.fromarray((rng.random((20, 20, 3)) * 255).astype("uint8")).save(data / f"{i}.png")
-        rows.append({"id": f"ex{i}", "image": f"{i}.png", "q": f"what {i} ?", "answer": "circle"})
+        rows.append({"id": f"ex{i}", "image": f"{i}.png", "q": f"what {word} ?", "answer": "circle"})
     rows.append({"id": "broken", "image": "missing.png", "q": "what ?", "answer": "x"})
     pq.write_table(pa.Table.from_pylist(rows), data / "manifest.parquet")
     argv = ["sweep", data / "manifest.parquet", "--question-column", "q", "--out", cwd / "sw",
