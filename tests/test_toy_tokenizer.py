@@ -5,9 +5,9 @@ import warnings
 import pytest
 from transformers import AutoProcessor
 
-from llava_lens.cli import DEMO_QUESTION
 from llava_lens.inputs import UnknownWordsWarning, prepare, unknown_words, warn_unknown_words
 from llava_lens.loading import EMBEDDED_MODELS
+from llava_lens.run import DEMO_QUESTION
 from llava_lens.toy.build import word_tokenizer
 from llava_lens.toy.scenes import blank_image, make_scene
 
