@@ -12,8 +12,8 @@ import llava_lens as ll
 from llava_lens import cli, sweep
 from llava_lens.defaults import DEFAULT_MAX_NEW_TOKENS
 
-COMMANDS = ("demo", "trace", "sweep", "summary", "report", "eval-grounding")
-MODEL_COMMANDS = ("demo", "trace", "sweep", "eval-grounding")
+COMMANDS = ("demo", "trace", "sweep", "summary", "report", "eval-grounding", "heads")
+MODEL_COMMANDS = ("demo", "trace", "sweep", "eval-grounding", "heads")
 HEAVY = ("torch", "transformers", "transformer_lens", "matplotlib", "circuitsvis", "pandas", "pyarrow", "datasets")
 
 
@@ -311,10 +311,12 @@ def test_sweep_and_summary(llava_dir, cwd, capsys):
 
 
 def test_eval_grounding_prints_and_writes_the_table(tmp_path, capsys):
-    """On the embedded model: a table with every map method and a chance column."""
-    assert cli.main(["eval-grounding", "--scenes", "2", "--out", str(tmp_path)]) == 0
+    """On the embedded model: a table with every asked map method and a chance column."""
+    methods = ("llm_mean", "llm_max", "vlm_visualizer", "vit_rollout", "random")
+    assert cli.main(["eval-grounding", "--scenes", "2", "--calibration", "0", "--no-deletion", "--no-progress",
+                     "--methods", ",".join(methods), "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    for method in ("llm_mean", "llm_max", "vlm_visualizer", "vit_rollout", "random"):
+    for method in methods:
         assert f"| {method} |" in out
     assert "chance" in out
     assert (tmp_path / "grounding.md").read_text().strip() == out.strip()
