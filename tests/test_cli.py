@@ -228,8 +228,10 @@ def test_sweep_force_reaches_run_sweep(flag, cwd, monkeypatch, capsys):
     Image.new("RGB", (8, 8)).save(cwd / "data" / "a.png")
     code, _, _ = _run(capsys, "sweep", "data", "--question", "q", "--out", "o", "--device", "cpu", *flag)
     assert code == 0 and seen["lens"] == "the lens"
-    assert seen.get("force", False) is bool(flag) and seen["max_new_tokens"] == DEFAULT_MAX_NEW_TOKENS
-    assert json.loads((cwd / "o" / "sweep.json").read_text())["force"] is bool(flag)
+    assert seen["force"] is bool(flag) and seen["max_new_tokens"] == DEFAULT_MAX_NEW_TOKENS
+    assert seen["options"] == {"data": "data", "out": "o", "question": "q", "device": "cpu", "dtype": "auto",
+                               "max_new_tokens": DEFAULT_MAX_NEW_TOKENS, "shard_size": 8, "batch_size": 1,
+                               "world_size": 1}
 
 
 def test_trace_writes_views_and_report(llava_dir, image_file, cwd, capsys):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 from dataclasses import asdict, dataclass
@@ -40,12 +39,10 @@ class SweepOptions(GenerateOptions):
     no_progress: bool = False
     force: bool = False
 
-    def _write_config(self, out: Path, world_size: int) -> None:
-        """Write ``sweep.json`` (the command's options) atomically; called by rank 0 only."""
-        config = dict(asdict(self), world_size=world_size)
-        tmp = out / ".sweep.json.tmp"
-        tmp.write_text(json.dumps(config, indent=1, default=str))
-        os.replace(tmp, out / "sweep.json")
+    def recorded(self, world_size: int) -> dict[str, Any]:
+        """The options run_sweep stores in ``sweep.json`` (and compares on resume); unset ones left out."""
+        skip = ("debug", "force", "no_progress")
+        return {k: v for k, v in asdict(self).items() if v is not None and k not in skip} | {"world_size": world_size}
 
     def execute(self) -> int:
         """Run (or resume) this process's share of the sweep; print the counts."""
@@ -56,16 +53,12 @@ class SweepOptions(GenerateOptions):
         examples = sweep.iter_examples(self.data, self.question, self.question_column)
         out = Path(self.out)
         lens = load_lens(self)
-        out.mkdir(parents=True, exist_ok=True)
-        if ctx.rank == 0:
-            self._write_config(out, ctx.world_size)
-        # --force reaches run_sweep only when given, so a run_sweep without the parameter still works
-        extra = {"force": True} if self.force else {}
         previous = signal.signal(signal.SIGTERM, _terminate)  # flush the buffered rows on SIGTERM
         try:
             counts = sweep.run_sweep(lens, examples, out, limit=self.limit, max_new_tokens=self.max_new_tokens,
                                      shard_size=self.shard_size, rank=ctx.rank, world_size=ctx.world_size,
-                                     progress=not self.no_progress, batch_size=self.batch_size, **extra)
+                                     progress=not self.no_progress, batch_size=self.batch_size, force=self.force,
+                                     options=self.recorded(ctx.world_size))
         finally:
             signal.signal(signal.SIGTERM, previous)
         tag = f" [{ctx.tag()}]" if ctx.tag() else ""
@@ -83,10 +76,11 @@ class SummaryOptions(Options):
     def execute(self) -> int:
         """Summarise the sweep in ``dir``."""
         from llava_lens import sweep
+        from llava_lens.views.summary_plot import plot_summary
 
         summary = sweep.summarize(self.dir)
         print(sweep.format_summary(summary))
-        plots = sweep.plot_summary(summary, self.dir)
+        plots = plot_summary(summary, self.dir)
         (Path(self.dir) / "summary.json").write_text(json.dumps(summary, indent=1))
         print(f"plots: {', '.join(str(p) for p in plots)}", file=sys.stderr)
         return 0
