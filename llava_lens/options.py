@@ -9,33 +9,15 @@ argument fails with one line before the model runs.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 import torch
 
-from llava_lens.defaults import DEFAULT_MAX_NEW_TOKENS  # the one default length (API and CLI); torch-free module
+from llava_lens.defaults import DEFAULT_MAX_NEW_TOKENS, MAX_VIEW_LAYERS, view_layers  # noqa: F401 - re-exported
 from llava_lens.hooks import NamesFilter
 
-MAX_VIEW_LAYERS = 8
-"""Layers whose prefill attention a default trace keeps, and that the report shows, when none are named."""
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-def view_layers(n_layers: int, layers: Optional[Sequence[int]] = None) -> list[int]:
-    """The layers views show: ``layers`` (validated, negatives from the end), else a spread.
-
-    At most :data:`MAX_VIEW_LAYERS` evenly spaced layers (first and last kept) when none are named.
-    """
-    if layers is not None:
-        bad = [x for x in layers if not -n_layers <= int(x) < n_layers]
-        if bad:
-            raise ValueError(f"layer {bad[0]} does not exist: the model has layers 0-{n_layers - 1}")
-        return sorted({int(x) % n_layers for x in layers})
-    if n_layers <= MAX_VIEW_LAYERS:
-        return list(range(n_layers))
-    return sorted({round(i * (n_layers - 1) / (MAX_VIEW_LAYERS - 1)) for i in range(MAX_VIEW_LAYERS)})
 
 
 def _dtype(value: Any, what: str) -> torch.dtype:

@@ -227,3 +227,9 @@ def test_report_of_a_trace_without_generated_tokens(tmp_path):
     _, path = _synthetic_run(tmp_path, n_steps=0, layers=2, heads=2)
     text = path.read_text(encoding="utf-8")
     assert "No generated token." in text and 'id="layer-1"' in text
+
+
+def test_report_refuses_layers_the_model_does_not_have(run_dir):
+    out, _ = run_dir
+    with pytest.raises(ValueError, match="layer 99 does not exist"):
+        write_report(out, layers=[99])

@@ -72,13 +72,14 @@ class SummaryOptions(Options):
     """``llava-lens summary DIR``: print the aggregate of a sweep; write plots and summary.json into DIR."""
 
     dir: str
+    answer_word: str = "target"
 
     def execute(self) -> int:
         """Summarise the sweep in ``dir``."""
         from llava_lens import sweep
         from llava_lens.views.summary_plot import plot_summary
 
-        summary = sweep.summarize(self.dir)
+        summary = sweep.summarize(self.dir, answer_word=self.answer_word)
         print(sweep.format_summary(summary))
         plots = plot_summary(summary, self.dir)
         (Path(self.dir) / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -109,4 +110,8 @@ def add_commands(sub: Any) -> None:
                        help="aggregate a sweep: emergence, vision share, accuracy; plots",
                        description="Print a summary of a sweep; write plots + summary.json into DIR.")
     p.add_argument("dir", help="the sweep's --out folder")
+    p.add_argument("--answer-word", choices=("target", "first-content", "last-content"), default="target",
+                   help="which generated token is the answer whose emergence layer is reported: the first word "
+                        "found in the target answer (else the first content word; default), the first or the "
+                        "last content word")
     p.set_defaults(options=SummaryOptions.from_args)

@@ -15,8 +15,6 @@ never communicate; resuming, even with another number of processes, skips every 
 any shard.
 """
 
-from typing import Any
-
 from llava_lens.errors import SweepError
 from llava_lens.sweep.launch import LaunchContext, is_mine, launch_context, run_id
 from llava_lens.sweep.rows import SCHEMA, analyse, analyse_batch, emergence_layers
@@ -31,10 +29,3 @@ __all__ = [
     "ShardWriter", "done_ids", "read_rows", "shard_files", "summarize", "format_summary", "normalize_answer",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    """``plot_summary`` moved to :mod:`llava_lens.views.summary_plot`; kept here until the CLI calls it there."""
-    if name == "plot_summary":  # TEMPORARY shim for the current cli.py; delete once the CLI imports views itself
-        from llava_lens.views.summary_plot import plot_summary
-        return plot_summary
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -8,6 +8,7 @@ from typing import Any, Optional
 import pyarrow as pa
 
 from llava_lens.analysis.emergence import emergence_layers
+from llava_lens.defaults import DEFAULT_MAX_NEW_TOKENS
 from llava_lens.errors import PromptError
 from llava_lens.sweep.sources import Example
 
@@ -72,7 +73,7 @@ def _fill(lens: Any, row: dict[str, Any], trace: Any) -> None:
     )
 
 
-def analyse(lens: Any, example: Example, max_new_tokens: int = 16) -> dict:
+def analyse(lens: Any, example: Example, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> dict:
     """Generate an answer for ``example`` and return its sweep row (see ``SCHEMA``).
 
     Any :class:`Exception` (corrupt image, unreadable file, missing question...) becomes an
@@ -90,7 +91,7 @@ def analyse(lens: Any, example: Example, max_new_tokens: int = 16) -> dict:
     return row
 
 
-def analyse_batch(lens: Any, examples: list[Example], max_new_tokens: int = 16) -> list[dict]:
+def analyse_batch(lens: Any, examples: list[Example], max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> list[dict]:
     """Rows of several examples, generated together in one batch (:mod:`llava_lens.engine`).
 
     Same rows as :func:`analyse` on each (up to float rounding). An example that fails to load

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
 
+from llava_lens.defaults import DEFAULT_MAX_NEW_TOKENS
 from llava_lens.errors import SweepError
 from llava_lens.sweep import lock, state
 from llava_lens.sweep.launch import LaunchContext, is_mine, run_id
@@ -114,7 +115,7 @@ def _check_args(**values: Any) -> None:
 
 
 def run_sweep(lens: Any, examples: Iterator[Example], out_dir: str | Path, *, limit: Optional[int] = None,
-              max_new_tokens: int = 16, shard_size: int = 4, rank: int = 0, world_size: int = 1,
+              max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, shard_size: int = 4, rank: int = 0, world_size: int = 1,
               progress: bool = True, batch_size: int = 1, force: bool = False,
               options: Optional[dict[str, Any]] = None) -> dict[str, int]:
     """Analyse every example of this rank not yet in ``out_dir``; write rows as shards; resumable.

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
+from llava_lens.defaults import MAX_VIEW_LAYERS, view_layers
 from llava_lens.errors import LlavaLensError
 from llava_lens.trace import Trace
 from llava_lens.views.export import MANIFEST, read_manifest
@@ -31,7 +32,7 @@ from llava_lens.views.mapdata import map_section
 from llava_lens.views.plots import escape_control
 
 REPORT_NAME = "report.html"
-MAX_LAYERS = 8
+MAX_LAYERS = MAX_VIEW_LAYERS
 """Attention views in a report when no layers are named (fewer when they would not fit ``MAX_BYTES``)."""
 MAX_BYTES = 7_500_000
 """Size the default layer choice aims to stay under (the issue's bound is 8 MB)."""
@@ -110,7 +111,7 @@ def report_layers(trace: Trace, manifest: Optional[dict], layers: Optional[Seque
     """
     n = trace.info.n_layers
     if layers is not None:
-        return sorted({layer % n for layer in layers})
+        return view_layers(n, layers)  # an out-of-range layer is an error, not wrapped around
     found = sorted({int(f["layer"]) for f in _role_files(manifest, "attention") if "layer" in f})
     found = [x for x in found if 0 <= x < n] or list(range(n))
     summary = getattr(trace, "summary", None)  # layers whose prompt rows the trace kept come first
