@@ -272,7 +272,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
     p.add_argument("--layers", type=int, default=None, help="LM depth (default: the checkpoint's, 32)")
-    p.add_argument("--new-tokens", type=int, default=16, help="--max-new-tokens of the CLI (its default: 16)")
+    p.add_argument("--new-tokens", type=int, default=32, help="--max-new-tokens of the CLI (its default: 32)")
     p.add_argument("--mem-limit-gb", type=float, default=16.0, help="kill a command whose RSS passes this")
     p.add_argument("--timeout", type=float, default=1800.0, help="kill a command running longer (s)")
     p.add_argument("--keep", default=None, help="build and write under this folder and keep it")

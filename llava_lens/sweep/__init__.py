@@ -18,14 +18,14 @@ any shard.
 from llava_lens.errors import SweepError
 from llava_lens.sweep.launch import LaunchContext, is_mine, launch_context, run_id
 from llava_lens.sweep.rows import SCHEMA, analyse, analyse_batch, emergence_layers
-from llava_lens.sweep.run import run_sweep
+from llava_lens.sweep.run import SweepSettings, run_sweep
 from llava_lens.sweep.shards import ShardWriter, SweepWarning, done_ids, read_rows, shard_files
 from llava_lens.sweep.sources import IMAGE_EXTS, Example, iter_examples
 from llava_lens.sweep.summary import format_summary, normalize_answer, summarize
 
 __all__ = [
     "Example", "iter_examples", "IMAGE_EXTS", "SweepError", "SweepWarning", "LaunchContext", "launch_context",
-    "is_mine", "run_id", "SCHEMA", "analyse", "analyse_batch", "emergence_layers", "run_sweep",
+    "is_mine", "run_id", "SCHEMA", "analyse", "analyse_batch", "emergence_layers", "run_sweep", "SweepSettings",
     "ShardWriter", "done_ids", "read_rows", "shard_files", "summarize", "format_summary", "normalize_answer",
 ]
 

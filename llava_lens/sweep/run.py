@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -101,56 +103,77 @@ def _process(lens: Any, todo: list[Example], writer: ShardWriter, journal: state
     return errors
 
 
-def _check_args(**values: Any) -> None:
-    """One-line errors for impossible sweep arguments (a negative limit, 0 tokens, a rank outside the world)."""
-    for name, value in values.items():
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            raise SweepError(f"{name} must be an integer, got {value!r}")
-    lowest = {"limit": 0, "max_new_tokens": 1, "shard_size": 1, "batch_size": 1, "rank": 0, "world_size": 1}
-    for name, low in lowest.items():
-        if values[name] is not None and values[name] < low:
-            raise SweepError(f"{name.replace('_', ' ')} must be >= {low}, got {values[name]}")
-    if values["rank"] >= values["world_size"]:
-        raise SweepError(f"rank {values['rank']} is outside a world of {values['world_size']} processes")
+@dataclass(frozen=True)
+class SweepSettings:
+    """How :func:`run_sweep` runs (checked when made: impossible values are one-line :class:`SweepError` s)."""
+
+    limit: Optional[int] = None
+    """Keep the first ``limit`` examples of the data (all ranks together, done or not)."""
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    shard_size: int = 4
+    """Rows per Parquet shard, each written atomically."""
+    rank: int = 0
+    world_size: int = 1
+    progress: bool = True
+    batch_size: int = 1
+    """Examples generated together per forward pass (same rows as one at a time)."""
+    force: bool = False
+    """Resume even when the stored options or questions differ."""
+    options: Optional[dict[str, Any]] = None
+    """What to record in ``sweep.json`` besides the model and ``max_new_tokens`` (e.g. the CLI's options)."""
+
+    def __post_init__(self) -> None:
+        lowest = {"limit": 0, "max_new_tokens": 1, "shard_size": 1, "batch_size": 1, "rank": 0, "world_size": 1}
+        for name, low in lowest.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise SweepError(f"{name} must be an integer, got {value!r}")
+            if value < low:
+                raise SweepError(f"{name.replace('_', ' ')} must be >= {low}, got {value}")
+        if self.rank >= self.world_size:
+            raise SweepError(f"rank {self.rank} is outside a world of {self.world_size} processes")
 
 
-def run_sweep(lens: Any, examples: Iterator[Example], out_dir: str | Path, *, limit: Optional[int] = None,
-              max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, shard_size: int = 4, rank: int = 0, world_size: int = 1,
-              progress: bool = True, batch_size: int = 1, force: bool = False,
-              options: Optional[dict[str, Any]] = None) -> dict[str, int]:
+def run_sweep(lens: Any, examples: Iterator[Example], out_dir: str | Path,
+              settings: Optional[SweepSettings] = None, **kwargs: Any) -> dict[str, int]:
     """Analyse every example of this rank not yet in ``out_dir``; write rows as shards; resumable.
 
-    ``rank``/``world_size`` (see :func:`launch_context`) select this process's share of the
-    examples (:func:`is_mine`); ids already in any rank's shards are skipped. ``limit`` keeps the
-    first ``limit`` examples of the data (all ranks together, done or not), so N processes with a
-    limit do the same set as one, and re-running with the same limit finishes it. Only rank 0
-    shows a progress bar. ``batch_size`` examples are generated together per forward pass
-    (:func:`analyse_batch`); rows are the same as one at a time.
+    ``settings`` (or its fields as keyword arguments, e.g. ``limit=10, batch_size=4``) is a
+    :class:`SweepSettings`. ``rank``/``world_size`` (see :func:`launch_context`) select this
+    process's share of the examples (:func:`is_mine`); ids already in any rank's shards are
+    skipped. ``limit`` keeps the first ``limit`` examples of the data (all ranks together, done or
+    not), so N processes with a limit do the same set as one, and re-running with the same limit
+    finishes it. Only rank 0 shows a progress bar. ``batch_size`` examples are generated together
+    per forward pass (:func:`analyse_batch`); rows are the same as one at a time.
 
     The folder is owned by one run at a time (:mod:`llava_lens.sweep.lock`; another run gets a
-    :class:`SweepError` naming the owner). ``options`` (e.g. the command line's) are stored in
-    ``sweep.json`` with the model name and ``max_new_tokens``; a resume whose options or
-    questions differ is refused unless ``force``. Unreadable shards are moved to
-    ``quarantine/`` and their examples redone. Returns counts for this rank: ``done`` (this
-    run), ``skipped`` (already there), ``errors`` (this run), ``quarantined`` (shards moved).
+    :class:`SweepError` naming the owner). ``options`` are stored in ``sweep.json`` with the
+    model name and ``max_new_tokens``; a resume whose options or questions differ is refused
+    unless ``force``. Unreadable shards are moved to ``quarantine/`` and their examples redone.
+    Returns counts for this rank: ``done`` (this run), ``skipped`` (already there), ``errors``
+    (this run), ``quarantined`` (shards moved).
     """
     from tqdm import tqdm
 
-    _check_args(limit=limit, max_new_tokens=max_new_tokens, shard_size=shard_size, batch_size=batch_size,
-                rank=rank, world_size=world_size)
-    out = Path(out_dir)
-    recorded = {"model": getattr(lens, "name", None), "max_new_tokens": max_new_tokens, **(options or {})}
-    held, done, moved = _open_folder(out, rank, world_size, recorded, force)
     try:
-        todo, skipped = _select(examples, done, limit, rank, world_size)
-        if not force:
+        run = dataclasses.replace(settings or SweepSettings(), **kwargs)
+    except TypeError as err:
+        raise SweepError(f"run_sweep: {err}") from None
+    out = Path(out_dir)
+    recorded = {"model": getattr(lens, "name", None), "max_new_tokens": run.max_new_tokens, **(run.options or {})}
+    held, done, moved = _open_folder(out, run.rank, run.world_size, recorded, run.force)
+    try:
+        todo, skipped = _select(examples, done, run.limit, run.rank, run.world_size)
+        if not run.force:
             state.check_questions(done, skipped, out)
-        writer = ShardWriter(out, rank, shard_size)
-        tag = LaunchContext(rank, max(world_size, 1)).tag()
+        writer = ShardWriter(out, run.rank, run.shard_size)
+        tag = LaunchContext(run.rank, max(run.world_size, 1)).tag()
         bar = tqdm(total=len(todo), desc=f"sweep [{tag}]" if tag else "sweep", unit="ex", dynamic_ncols=True,
-                   disable=not progress or rank != 0)
+                   disable=not run.progress or run.rank != 0)
         try:
-            errors = _process(lens, todo, writer, state.Journal(out), bar, max_new_tokens, batch_size)
+            errors = _process(lens, todo, writer, state.Journal(out), bar, run.max_new_tokens, run.batch_size)
         finally:
             bar.close()
             writer.flush()  # Ctrl-C keeps what was computed; SIGKILL loses only the unwritten buffer
