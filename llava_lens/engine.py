@@ -109,15 +109,22 @@ def _pad_pixels(pixels: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(pixels)
 
 
-def _prefill_kwargs(lens: Any, rows: list[Row]) -> dict[str, torch.Tensor]:
-    """Left-padded prefill kwargs: ids, mask, position ids, pixel values and extras."""
-    longest = max(r.prepared.prompt_len for r in rows)
-    pad_id = lens.tokenizer.pad_token_id or 0
-    ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), longest), dtype=torch.long)
+def _left_pad(rows: list[Row], get: Callable[[Prepared], torch.Tensor], longest: int, value: int) -> torch.Tensor:
+    """``[B, longest]``: each row's ``[1, len]`` per-token tensor, left-padded with ``value``."""
+    first = get(rows[0].prepared)
+    out = torch.full((len(rows), longest), value, dtype=first.dtype)
     for b, row in enumerate(rows):
-        ids[b, longest - row.prepared.prompt_len:] = row.prepared.inputs.input_ids[0]
-        mask[b, longest - row.prepared.prompt_len:] = 1
+        out[b, longest - row.prepared.prompt_len:] = get(row.prepared)[0]
+    return out
+
+
+def _prefill_kwargs(lens: Any, rows: list[Row]) -> tuple[dict[str, torch.Tensor], Any]:
+    """Left-padded prefill kwargs (ids, mask, position ids, pixel values and extras), and the
+    family's position state for the decode steps (None: 1-d positions)."""
+    longest = max(r.prepared.prompt_len for r in rows)
+    ids = _left_pad(rows, lambda p: p.inputs.input_ids, longest,
+                    lens.tokenizer.pad_token_id or 0)
+    mask = _left_pad(rows, lambda p: torch.ones_like(p.inputs.input_ids), longest, 0)
     kwargs: dict[str, torch.Tensor] = {"input_ids": ids}
     if len(rows) > 1:  # a single example needs no mask: HF then takes its causal fast path
         # pad positions get a harmless position (1, as HF's generate does); they are masked anyway
@@ -125,8 +132,16 @@ def _prefill_kwargs(lens: Any, rows: list[Row]) -> dict[str, torch.Tensor]:
         kwargs["position_ids"] = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
     kwargs["pixel_values"] = _pad_pixels([r.prepared.inputs.pixel_values for r in rows]).to(lens.dtype)
     for name in rows[0].prepared.inputs.extra:
-        kwargs[name] = torch.cat([r.prepared.inputs.extra[name] for r in rows])
-    return {k: v.to(lens.device) for k, v in kwargs.items()}
+        if name in lens.family.sequence_inputs:
+            kwargs[name] = _left_pad(rows, lambda p, n=name: p.inputs.extra[n], longest, 0)
+        else:
+            kwargs[name] = torch.cat([r.prepared.inputs.extra[name] for r in rows])
+    # families with their own rotary positions (Qwen2.5-VL's M-RoPE) get them for every batch
+    # size: HF would otherwise keep them as state on the model, shared by concurrent traces
+    rope = lens.family.position_ids(lens.hf_model, kwargs)
+    if rope is not None:
+        kwargs["position_ids"] = rope[0]
+    return {k: v.to(lens.device) for k, v in kwargs.items()}, (rope[1] if rope is not None else None)
 
 
 def _summary_spec(lens: Any, rows: list[Row], options: GenerateOptions) -> SummarySpec:
@@ -139,8 +154,9 @@ def _summary_spec(lens: Any, rows: list[Row], options: GenerateOptions) -> Summa
         queries.append(is_text.nonzero().flatten() + longest - row.prepared.prompt_len)
     most = max(len(q) for q in queries)
     padded = torch.stack([torch.cat([q, q[-1:].expand(most - len(q))]) for q in queries])
+    vit_layers = [] if lens.family.vit_views else lens.info().vit_layers_used
     return SummarySpec(padded.to(lens.device), view_layers(lens.n_layers, options.capture.layers),
-                       lens.info().vit_layers_used, resid=True)
+                       vit_layers, resid=True)
 
 
 def check_names(bridge: Any, names: Any, what: str) -> None:
@@ -222,7 +238,7 @@ class Engine:
         return ""
 
     def _prefill(self) -> ForwardOut:
-        kwargs = _prefill_kwargs(self.lens, self.rows)
+        kwargs, self.rope_state = _prefill_kwargs(self.lens, self.rows)
         capture = self.options.capture
         spec = _summary_spec(self.lens, self.rows, self.options) if capture.summary else None
         request = Request(kwargs, default=capture.default, mid=capture.mid, summary=spec, names=self.names,
@@ -253,6 +269,9 @@ class Engine:
                 positions = self.mask.sum(-1, keepdim=True).to(self.lens.device)
                 self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
                 kwargs.update(attention_mask=self.mask.to(self.lens.device), position_ids=positions)
+            if self.rope_state is not None:  # M-RoPE: the family's 3-d positions, for every batch size
+                text = positions if batched else torch.full((1, 1), n_keys, device=self.lens.device)
+                kwargs["position_ids"] = self.lens.family.decode_position_ids(text, self.rope_state)
             n_keys += 1  # a batch of one needs no mask or positions (HF's causal fast path)
             with torch.inference_mode():
                 out = self._forward(Request(kwargs, default=self.options.capture.default,

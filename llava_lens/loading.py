@@ -18,7 +18,7 @@ from typing import Any, Optional
 import torch
 from transformer_lens.model_bridge import TransformerBridge
 from transformer_lens.utilities.multi_gpu import resolve_device_map
-from transformers import AutoConfig, AutoProcessor
+from transformers import AutoConfig
 
 from llava_lens.errors import ModelLoadError, UnsupportedModelError
 from llava_lens.families import family_for
@@ -119,9 +119,9 @@ def _load_config(source: str) -> Any:
         raise UnsupportedModelError(f"cannot load the config of {source!r}: {_first_line(err)}") from None
 
 
-def _load_processor(source: str) -> Any:
+def _load_processor(source: str, family: Any) -> Any:
     try:
-        processor = AutoProcessor.from_pretrained(source, trust_remote_code=False)
+        processor = family.load_processor(source)
     except (OSError, ValueError, TypeError, KeyError) as err:
         raise UnsupportedModelError(
             f"cannot load the processor/tokenizer of {source!r}: {_first_line(err)}") from None
@@ -155,7 +155,7 @@ def load_weights(hf_class: Any, source: str, **kwargs: Any) -> Any:
 
 def load(path_or_id: Optional[str] = None, device: Optional[str] = None,
          dtype: Optional[torch.dtype] = None, **boot_kwargs: Any) -> LlavaLens:
-    """Load a LLaVA-1.5 or LLaVA-NeXT model and its processor into a TransformerLens bridge.
+    """Load a supported model (see :mod:`llava_lens.families`) and its processor into a TransformerLens bridge.
 
     ``path_or_id`` is a local model directory, a Hugging Face hub id (e.g.
     ``"llava-hf/llava-1.5-7b-hf"``) or an embedded model name; ``None`` loads the embedded
@@ -168,7 +168,7 @@ def load(path_or_id: Optional[str] = None, device: Optional[str] = None,
     source = _resolve_source(path_or_id)
     config = _load_config(source)
     family = family_for(config)
-    processor = _load_processor(source)
+    processor = _load_processor(source, family)
     device_map = boot_kwargs.pop("device_map", None)
     n_devices = boot_kwargs.pop("n_devices", None)
     if device_map is not None or (n_devices or 1) > 1:

@@ -159,13 +159,8 @@ class LlavaLens:
 
     def info(self) -> ModelInfo:
         """Sizes and names the views need, stored in each :class:`Trace` as ``trace.info``."""
-        vision = self.config.vision_config
         return ModelInfo(
             family=self.family.name, n_layers=self.n_layers, n_heads=self.n_heads,
-            d_model=self.d_model, d_vocab=self.d_vocab,
-            vision_layers=vision.num_hidden_layers, vision_heads=vision.num_attention_heads,
-            vision_image_size=vision.image_size, vision_patch_size=vision.patch_size,
-            vision_feature_layer=self.config.vision_feature_layer,
-            vision_feature_select_strategy=self.config.vision_feature_select_strategy,
+            d_model=self.d_model, d_vocab=self.d_vocab, **self.family.vision_info(self.config),
             n_ctx=getattr(self.config.text_config, "max_position_embeddings", 0) or 0,
         )
