@@ -44,9 +44,10 @@ from llava_lens.families.base import image_only_processor
 from llava_lens.toy.build import BASE_WORDS, CHAT_TEMPLATE, word_tokenizer
 
 ONEVISION_PINPOINTS = tuple((384 * i, 384 * j) for i in range(1, 7) for j in range(1, 7))
-QWEN_SPECIAL = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>")
-# Qwen2.5-VL's prompt wraps the image pads in vision start/end tokens, like the real template.
-QWEN_CHAT_TEMPLATE = CHAT_TEMPLATE.replace("<image>\n", "<|vision_start|><|image_pad|><|vision_end|>\n")
+QWEN_SPECIAL = ("<|vision_start|>", "<|vision_end|>", "<|video_pad|>")
+# Qwen2.5-VL's prompt wraps the image pads in vision start/end tokens, like the real template;
+# the pad is the word tokenizer's image token (the processor uses ``tokenizer.image_token``).
+QWEN_CHAT_TEMPLATE = CHAT_TEMPLATE.replace("<image>\n", "<|vision_start|><image><|vision_end|>\n")
 
 
 def _tokenizer(extra: tuple[str, ...] = ()):
@@ -103,12 +104,12 @@ def build_qwen25vl(out_dir: str | Path, *, n_layers: int = 2, vision_layers: int
     # mrope sections (16, 24, 24) of 64 rotary pairs, scaled to the 8 pairs of a 16-dim head
     text = _qwen2_text(tok, n_layers, 16, 2, 16, rope_parameters={
         "rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]})
-    vision = dict(depth=vision_layers, hidden_size=32, intermediate_size=64, num_heads=16, in_channels=3,
+    vision = dict(depth=vision_layers, hidden_size=128, intermediate_size=128, num_heads=16, in_channels=3,
                   patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
                   fullatt_block_indexes=[vision_layers - 1], out_hidden_size=text["hidden_size"],
                   tokens_per_second=2)
     config = Qwen2_5_VLConfig(
-        text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+        text_config=text, vision_config=vision, image_token_id=tok.convert_tokens_to_ids("<image>"),
         video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=True)
     config.architectures = ["Qwen2_5_VLForConditionalGeneration"]
