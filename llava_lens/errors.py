@@ -23,3 +23,7 @@ class PromptError(LlavaLensError, ValueError):
 
 class SweepError(LlavaLensError, ValueError):
     """Bad sweep input or state (unknown data layout, folder owned by another run, changed options...)."""
+
+
+class ViewNotApplicableError(LlavaLensError, ValueError):
+    """A view or map that cannot apply to this model family (the message says why)."""

@@ -25,7 +25,8 @@ from typing import Optional
 import torch
 
 from llava_lens import hooks
-from llava_lens.families import VisionSpan
+from llava_lens.errors import UnsupportedModelError, ViewNotApplicableError
+from llava_lens.families import VisionSpan, family_named
 from llava_lens.trace import Trace
 
 SEGMENTS = ("image", "prompt", "generated")
@@ -114,9 +115,14 @@ def attention_map_max(trace: Trace, layers: Optional[Sequence[int]] = None, tile
 def vit_attention(trace: Trace) -> torch.Tensor:
     """``[V, T, T]``: base-tile ViT attention, mean over heads, of the layers feeding the projector.
 
-    ``T = 1 + patches`` (token 0 is CLS). Read from the prefill summary (``prefill_cache=True``)
-    or from raw ``vision_encoder.encoder_layers.L.attn.hook_pattern`` captures.
+    ``T = 1 + patches`` for CLIP (token 0 is CLS), ``T = patches`` for SigLIP (no CLS; see
+    :func:`_vit_prefix`). Read from the prefill summary (``prefill_cache=True``) or from raw
+    ``vision_encoder.encoder_layers.L.attn.hook_pattern`` captures. A family whose ViT attention
+    these views cannot read (``Family.vit_views``, e.g. Qwen2.5-VL's windows) is a one-line error.
     """
+    reason = _vit_views_reason(trace)
+    if reason:
+        raise ViewNotApplicableError(reason)
     summary = trace.summary
     if summary is not None and summary.vit_attention is not None and \
             summary.vit_layers == trace.info.vit_layers_used:
@@ -129,6 +135,19 @@ def vit_attention(trace: Trace) -> torch.Tensor:
         pat = trace.prefill[name].float()
         mats.append((pat[0] if pat.ndim == 4 else pat).mean(0))  # NeXT: [tiles, heads, T, T]; tile 0 = base
     return torch.stack(mats)
+
+
+def _vit_views_reason(trace: Trace) -> Optional[str]:
+    try:
+        return family_named(trace.info.family).vit_views
+    except UnsupportedModelError:  # a trace of a family this version does not know: try the views
+        return None
+
+
+def _vit_prefix(trace: Trace, vit: torch.Tensor) -> int:
+    """ViT tokens before the patches: 1 (CLIP's CLS) or 0 (SigLIP), from ``T`` and the base grid."""
+    rows, cols = trace.vision_span.grids[0]
+    return vit.shape[-1] - rows * cols
 
 
 def _base_feature_positions(span: VisionSpan) -> torch.Tensor:
@@ -167,7 +186,9 @@ def vlm_visualizer_map(trace: Trace, layers: Optional[Sequence[int]] = None,
     maps are summed and scaled to max 1. ``drop_first_token=False`` skips the first-token step
     (llava-lens before 2.0: correlation >= 0.99 with the original on the embedded model).
     """
-    vit = vit_attention(trace)[:, 1:, 1:]  # [V, P, P], CLS dropped
+    vit = vit_attention(trace)
+    k = _vit_prefix(trace, vit)
+    vit = vit[:, k:, k:]  # [V, P, P], CLS dropped
     vit = (vit / vit.sum(-1, keepdim=True)).mean(0)
     idx = _base_feature_positions(trace.vision_span)
     if drop_first_token:
@@ -186,7 +207,8 @@ def vit_rollout(trace: Trace, query: str = "cls") -> torch.Tensor:
 
     Each layer's head-mean attention gets the residual (``0.5 A + 0.5 I``, rows renormalised);
     the product over layers is read from the CLS row (``query="cls"``) or averaged over the
-    patch rows (``query="patches"``). Normalised to sum 1 over patches.
+    patch rows (``query="patches"``, also used for a ViT without CLS, e.g. SigLIP). Normalised
+    to sum 1 over patches.
     """
     att = vit_attention(trace)  # [V, T, T]
     eye = torch.eye(att.shape[-1])
@@ -194,7 +216,8 @@ def vit_rollout(trace: Trace, query: str = "cls") -> torch.Tensor:
     for a in att:
         a = 0.5 * a + 0.5 * eye
         roll = (a / a.sum(-1, keepdim=True)) @ roll
-    vec = roll[0, 1:] if query == "cls" else roll[1:, 1:].mean(0)
+    k = _vit_prefix(trace, att)
+    vec = roll[0, k:] if query == "cls" and k else roll[k:, k:].mean(0)
     rows, cols = trace.vision_span.grids[0]
     return (vec / vec.sum()).reshape(rows, cols)
 

@@ -181,6 +181,7 @@ def load(path_or_id: Optional[str] = None, device: Optional[str] = None,
         device, dtype = default_device_dtype(device, dtype)
         hf_model = load_weights(family.hf_class, source, dtype=dtype).to(device)
         boot_kwargs["device"] = device
+    family.prepare_hf_model(hf_model)
     bridge = TransformerBridge.boot_transformers(
         source, hf_model=hf_model.eval(), dtype=dtype, tokenizer=processor.tokenizer, **boot_kwargs)
     return LlavaLens(bridge, processor, family, name=path_or_id or DEFAULT_MODEL)

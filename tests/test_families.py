@@ -18,6 +18,7 @@ from transformers.models.llava_next.modeling_llava_next import LlavaNextModel
 from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionModel
 
 import llava_lens as ll
+from llava_lens.errors import ViewNotApplicableError
 from llava_lens.families import FAMILIES
 from llava_lens.families.base import ConfigOnly
 from llava_lens.toy.build import build_llava
@@ -215,3 +216,37 @@ def test_batch_equals_single(name, built):
         for a, b in zip(got.steps, single.steps):
             torch.testing.assert_close(a.resid, b.resid, atol=1e-4, rtol=0)
             torch.testing.assert_close(a.attention.float(), b.attention.float(), atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_every_map_applies_or_says_why_in_one_line(name, built):
+    _, lens = built[name]
+    trace = lens.trace(_noise(SIZES[0], seed=4), QUESTION, max_new_tokens=2, prefill_cache=True)
+    rows, cols = trace.vision_span.grids[0]
+    for method, fn in ll.grounding.MAPS.items():
+        if lens.family.vit_views and method in ("vit_rollout", "vlm_visualizer"):
+            with pytest.raises(ViewNotApplicableError) as err:
+                fn(trace)
+            assert "\n" not in str(err.value) and str(err.value) == lens.family.vit_views
+            continue
+        grid = fn(trace)
+        assert grid.shape == (2, rows, cols) and torch.isfinite(grid).all(), method
+    assert ll.vision_share(trace) is not None and ll.logit_lens(trace, lens) is not None
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if n != "qwen2.5-vl-3b"])
+def test_vit_summary_equals_raw_vision_encoder_patterns(name, built):
+    """The fast path's head-mean ViT attention (base tile) == the bridge's raw ViT hook_pattern."""
+    _, lens = built[name]
+    image = _noise(SIZES[0], seed=5)
+    layers = lens.info().vit_layers_used
+    fast = lens.trace(image, QUESTION, max_new_tokens=1, prefill_cache=True)
+    raw = lens.trace(image, QUESTION, max_new_tokens=1,
+                     prefill_cache=[f"vision_encoder.encoder_layers.{i}.attn.hook_pattern" for i in layers])
+    for i, layer in enumerate(layers):
+        pat = raw.prefill[f"vision_encoder.encoder_layers.{layer}.attn.hook_pattern"].float()
+        expected = (pat[0] if pat.ndim == 4 else pat).mean(0)
+        torch.testing.assert_close(fast.summary.vit_attention[i].float(), expected, atol=1e-3, rtol=0)
+    rows, cols = fast.vision_span.grids[0]
+    cls = 0 if lens.family.name == "llava-onevision" else 1  # SigLIP has no CLS token, CLIP has one
+    assert fast.summary.vit_attention.shape[-1] == rows * cols + cls

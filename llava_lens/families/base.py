@@ -116,6 +116,9 @@ class Family:
         """The model's processor (``AutoProcessor``; adapters may load an image-only variant)."""
         return AutoProcessor.from_pretrained(source, trust_remote_code=False)
 
+    def prepare_hf_model(self, model: Any) -> None:
+        """Fix up the loaded HF model before TransformerLens wraps it (default: nothing)."""
+
     def vision_info(self, config: Any) -> dict[str, Any]:
         """The ``vision_*`` fields of :class:`~llava_lens.trace.ModelInfo` (CLIP/SigLIP-style configs)."""
         vision = config.vision_config

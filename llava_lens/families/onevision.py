@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from transformer_lens.utilities.attn_implementation import force_eager_attention
 from transformers import LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor
 from transformers.models.llava_onevision.modeling_llava_onevision import (
     LlavaOnevisionModel,
@@ -25,6 +26,11 @@ class LlavaOnevision(Family):
     architectures = ("LlavaOnevisionForConditionalGeneration",)
     hf_class = LlavaOnevisionForConditionalGeneration
     vit_views = None
+
+    def prepare_hf_model(self, model):
+        """Eager attention everywhere, as TransformerLens does for LLaVA: its 4.3 OneVision adapter
+        skips that step, and the SigLIP tower's ``hook_pattern`` never fires under sdpa."""
+        force_eager_attention(model)
 
     def load_processor(self, source):
         """The OneVision processor (image processor + tokenizer; no video processor without torchvision)."""
