@@ -119,8 +119,10 @@ def _left_pad(rows: list[Row], get: Callable[[Prepared], torch.Tensor], longest:
 
 
 def _prefill_kwargs(lens: Any, rows: list[Row]) -> tuple[dict[str, torch.Tensor], Any]:
-    """Left-padded prefill kwargs (ids, mask, position ids, pixel values and extras), and the
-    family's position state for the decode steps (None: 1-d positions)."""
+    """Left-padded prefill kwargs (ids, mask, position ids, pixel values, extras) and rotary state.
+
+    The state is the family's, for the decode steps' position ids (None: 1-d positions).
+    """
     longest = max(r.prepared.prompt_len for r in rows)
     ids = _left_pad(rows, lambda p: p.inputs.input_ids, longest,
                     lens.tokenizer.pad_token_id or 0)

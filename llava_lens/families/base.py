@@ -128,8 +128,11 @@ class Family:
                     vision_feature_select_strategy=config.vision_feature_select_strategy)
 
     def position_ids(self, model: Any, kwargs: dict[str, torch.Tensor]) -> Optional[tuple[torch.Tensor, Any]]:
-        """``(prefill position ids, state for decode)`` of a left-padded batch, or None for the
-        engine's 1-d ``cumsum(mask) - 1``. ``kwargs``: the prefill inputs (mask, ``sequence_inputs``)."""
+        """``(prefill position ids, state for decode)`` of a left-padded batch, or None.
+
+        None: the engine's 1-d ``cumsum(mask) - 1``. ``kwargs``: the prefill inputs (mask,
+        ``sequence_inputs``).
+        """
         return None
 
     def decode_position_ids(self, text_positions: torch.Tensor, state: Any) -> torch.Tensor:
@@ -175,9 +178,11 @@ def image_only_processor(cls: type) -> type:
 
 
 def load_without_video(cls: type, source: str) -> Any:
-    """``AutoProcessor.from_pretrained``, falling back to :func:`image_only_processor` when the
-    video processor cannot load (it needs torchvision, or the directory has none: llava-lens
-    never feeds videos)."""
+    """``AutoProcessor.from_pretrained``, else :func:`image_only_processor`'s.
+
+    The fallback is for a video processor that cannot load (it needs torchvision, or the
+    directory has none): llava-lens never feeds videos.
+    """
     try:
         return AutoProcessor.from_pretrained(source, trust_remote_code=False)
     except (ImportError, OSError):

@@ -28,8 +28,11 @@ class LlavaOnevision(Family):
     vit_views = None
 
     def prepare_hf_model(self, model):
-        """Eager attention everywhere, as TransformerLens does for LLaVA: its 4.3 OneVision adapter
-        skips that step, and the SigLIP tower's ``hook_pattern`` never fires under sdpa."""
+        """Eager attention everywhere, as TransformerLens does for LLaVA.
+
+        TransformerLens 4.3's OneVision adapter skips that step, and the SigLIP tower's
+        ``hook_pattern`` never fires under sdpa.
+        """
         force_eager_attention(model)
 
     def load_processor(self, source):
