@@ -27,6 +27,9 @@ from llava_lens.toy.families_build import build_onevision, build_qwen25vl
 QUESTION = "what color is the circle ?"
 # (height, width): landscape, portrait, very wide; chosen to hit different pinpoints / grids
 SIZES = ((300, 500), (520, 260), (160, 700))
+# processor-only checks add a large image: OneVision's anyres_max_9 then shrinks the unpadded grid
+# (81x108 -> bilinear), Qwen2.5-VL's grid grows to 43x57 merged tokens
+LARGE = (1200, 1600)
 
 
 def _build_llava(family, real_name):
@@ -89,14 +92,15 @@ def test_every_family_has_a_case():
 @pytest.mark.parametrize("name", list(CASES))
 def test_vision_span_count_is_the_processor_image_tokens_and_the_model_features(name, built):
     path, lens = built[name]
-    for size in SIZES:
+    for size in (*SIZES, LARGE):
         inputs, span = lens.prepare(_noise(size), QUESTION)
         inserted = int((inputs.input_ids[0] == lens.config.image_token_id).sum())
         assert len(span) == inserted > 0
         assert torch.equal(span.positions, (inputs.input_ids[0] == lens.config.image_token_id).nonzero().flatten())
-        with torch.no_grad():  # the model's own feature count, through its forward's placeholder check
-            lens.hf_model(input_ids=inputs.input_ids, pixel_values=inputs.pixel_values, **inputs.extra)
         assert span.is_patch.sum() == sum(r * c for r, c in span.grids)
+        if size != LARGE:  # the model's own feature count, through its forward's placeholder check
+            with torch.no_grad():
+                lens.hf_model(input_ids=inputs.input_ids, pixel_values=inputs.pixel_values, **inputs.extra)
 
 
 def _pixel_xy(lens, inputs):
@@ -136,7 +140,7 @@ def _pixel_xy(lens, inputs):
 @pytest.mark.parametrize("name", list(CASES))
 def test_ramp_image_maps_each_patch_within_one_patch_of_its_place(name, built):
     _, lens = built[name]
-    for size in SIZES:
+    for size in (*SIZES, LARGE):
         inputs, span = lens.prepare(_ramp(size), QUESTION)
         xy = _pixel_xy(lens, inputs)
         assert xy.shape == (len(span), 2)
