@@ -53,7 +53,8 @@ def _summary_hooks(spec: SummarySpec, n_layers: int, out: ForwardOut, full: list
 
     def vit(layer: int) -> HookFn:
         def fn(pattern: torch.Tensor, hook: Any) -> None:  # [images, H, P, P]
-            out.vit_mean[layer] = pattern.float().mean(1)
+            images = spec.vit_images if spec.vit_images is not None else slice(None)
+            out.vit_mean[layer] = pattern[images].float().mean(1)
         return fn
 
     def resid(index: int) -> HookFn:

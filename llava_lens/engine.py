@@ -34,7 +34,7 @@ from llava_lens.forward import ForwardOut, Request, SummarySpec
 from llava_lens.hooks import as_predicate
 from llava_lens.inputs import ModelInputs
 from llava_lens.options import GenerateOptions, Sampling, view_layers
-from llava_lens.summary import split_prefill, summarize
+from llava_lens.summary import base_tiles, split_prefill, summarize
 from llava_lens.tokens import token_strings
 from llava_lens.trace import PrefillSummary, Step
 
@@ -158,7 +158,7 @@ def _summary_spec(lens: Any, rows: list[Row], options: GenerateOptions) -> Summa
     padded = torch.stack([torch.cat([q, q[-1:].expand(most - len(q))]) for q in queries])
     vit_layers = [] if lens.family.vit_views else lens.info().vit_layers_used
     return SummarySpec(padded.to(lens.device), view_layers(lens.n_layers, options.capture.layers),
-                       vit_layers, resid=True)
+                       vit_layers, vit_images=base_tiles(rows).to(lens.device), resid=True)
 
 
 def check_names(bridge: Any, names: Any, what: str) -> None:

@@ -106,11 +106,14 @@ def _vit_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tens
     sink = _SINK.get()
     if sink is not None and sink.request.summary is not None:
         layer = sink.vit_index.get(id(module))
-        if layer in sink.request.summary.vit_layers:
-            scores = (query.float() @ key.float().transpose(-1, -2)) * (scaling or query.shape[-1] ** -0.5)
+        spec = sink.request.summary
+        if layer in spec.vit_layers:
+            images = spec.vit_images if spec.vit_images is not None else torch.arange(query.shape[0])
+            q, k = query[images].float(), key[images].float()  # base tiles only
+            scores = (q @ k.transpose(-1, -2)) * (scaling or query.shape[-1] ** -0.5)
             if attention_mask is not None:
-                scores = scores + attention_mask
-            sink.vit_mean[layer] = scores.softmax(-1).mean(1)  # [images, P, P]
+                scores = scores + attention_mask[images]
+            sink.vit_mean[layer] = scores.softmax(-1).mean(1)  # [B, P, P]
     return out, None
 
 

@@ -26,6 +26,9 @@ class SummarySpec:
     """LM layers whose rows of ``queries`` are kept."""
     vit_layers: list[int]
     """Vision-encoder layers whose head-mean attention is kept."""
+    vit_images: Optional[torch.Tensor] = None
+    """``[B]`` long: index in the vision encoder's batch of each example's base (whole-image) tile;
+    only those images' attention is computed (LLaVA-NeXT runs 5 tiles per example)."""
     resid: bool = True
     """Keep every LM layer's full residual stream (for the prompt positions' logit lens)."""
 
@@ -63,7 +66,7 @@ class ForwardOut:
     text_rows: dict[int, torch.Tensor] = field(default_factory=dict)
     """layer -> ``[B, H, Q, K]`` attention rows of the summary's queries."""
     vit_mean: dict[int, torch.Tensor] = field(default_factory=dict)
-    """ViT layer -> ``[n_images, P, P]`` head-mean attention (every tile of every example)."""
+    """ViT layer -> ``[B, P, P]`` head-mean attention of each example's base tile."""
     full_resid: Optional[torch.Tensor] = None
     """``[B, L + 1, T, d_model]`` when the summary asked for residuals."""
 

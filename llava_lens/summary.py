@@ -21,6 +21,9 @@ from llava_lens.trace import PrefillSummary
 
 LENS_TOP_K = 5
 """Top-k tokens kept per layer and prompt position by the summary's logit lens."""
+LENS_CHUNK = 8
+"""Prompt positions decoded at once: ``(n_layers + 1) * LENS_CHUNK * d_vocab`` floats at a time
+(34 MB for a 32-layer, 32k-vocabulary model; larger chunks are no faster on a GPU and cost peak memory)."""
 IMAGE_PREFIXES = ("vision_encoder", "vision_projector")
 """Hooks whose batch dimension runs over images (tiles), not examples."""
 
@@ -31,19 +34,23 @@ def _image_counts(rows: list) -> list[int]:
             for r in rows]
 
 
+def base_tiles(rows: list) -> torch.Tensor:
+    """``[B]``: index of each example's base (whole-image) tile in the vision encoder's batch."""
+    return torch.tensor([0] + _image_counts(rows)).cumsum(0)[:-1]
+
+
 def summarize(lens: Any, out: ForwardOut, spec: SummarySpec, rows: list, capture: Capture) -> None:
     """Fill ``row.summary`` of every row from the prefill's ``out``."""
     longest = max(r.prepared.prompt_len for r in rows)
-    starts = torch.tensor([0] + _image_counts(rows)).cumsum(0).tolist()
     for b, row in enumerate(rows):
         pad = longest - row.prepared.prompt_len
         n_q = int((~torch.isin(torch.arange(row.prepared.prompt_len), row.prepared.span.positions)).sum())
         queries = spec.queries[b, :n_q].cpu() - pad
         attention = torch.stack([out.text_rows[layer][b, :, :n_q, pad:] for layer in spec.layers])
-        vit = torch.stack([out.vit_mean[layer][starts[b]] for layer in spec.vit_layers]) \
+        vit = torch.stack([out.vit_mean[layer][b] for layer in spec.vit_layers]) \
             if spec.vit_layers and out.vit_mean else None
         resid = out.full_resid[b, :, pad:] if out.full_resid is not None else None
-        ids, probs = resid_topk(resid, lens.bridge, LENS_TOP_K) if resid is not None else (None, None)
+        ids, probs = resid_topk(resid, lens.bridge, LENS_TOP_K, LENS_CHUNK) if resid is not None else (None, None)
         row.summary = PrefillSummary(
             text_positions=queries, layers=list(spec.layers),
             attention=attention.to("cpu", capture.attention_dtype),

@@ -233,3 +233,22 @@ def test_report_refuses_layers_the_model_does_not_have(run_dir):
     out, _ = run_dir
     with pytest.raises(ValueError, match="layer 99 does not exist"):
         write_report(out, layers=[99])
+
+
+def test_large_pngs_are_embedded_as_jpeg(tmp_path):
+    import base64
+
+    import numpy as np
+    from PIL import Image
+
+    from llava_lens.views.report import LOSSLESS_UP_TO, data_uri
+
+    noisy = tmp_path / "noise.png"
+    Image.fromarray((np.random.default_rng(0).random((480, 640, 3)) * 255).astype("uint8")).save(noisy)
+    assert noisy.stat().st_size > LOSSLESS_UP_TO
+    uri = data_uri(noisy)
+    assert uri.startswith("data:image/jpeg;base64,")
+    assert len(base64.b64decode(uri.split(",", 1)[1])) < noisy.stat().st_size
+    small = tmp_path / "small.png"
+    Image.new("RGB", (32, 32), (10, 20, 30)).save(small)
+    assert data_uri(small).startswith("data:image/png;base64,")

@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import base64
 import html
+import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
+
+from PIL import Image
 
 from llava_lens.defaults import MAX_VIEW_LAYERS, view_layers
 from llava_lens.errors import LlavaLensError
@@ -44,11 +47,25 @@ FIGURES = (("logit_lens", "Logit lens (top-1 decoding per layer)"),
            ("heatmap_grid", "All heatmaps (as exported)"))
 
 
+LOSSLESS_UP_TO = 300_000
+"""PNGs larger than this (photos, noisy inputs, many-panel grids) are embedded as JPEG (quality 88)."""
+
+
 def data_uri(path: Path) -> str:
-    """Return ``path`` (a PNG/JPEG/SVG file) as a base64 ``data:`` URI."""
+    """Return ``path`` (a PNG/JPEG/SVG file) as a base64 ``data:`` URI.
+
+    A PNG over :data:`LOSSLESS_UP_TO` bytes is re-encoded as JPEG: a report shows pictures and
+    plots, not data, and a 640x480 photo as PNG alone would take an eighth of the size budget.
+    """
     mime = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".svg": "image/svg+xml"}
-    encoded = base64.b64encode(path.read_bytes()).decode("ascii")
-    return f"data:{mime.get(path.suffix.lower(), 'application/octet-stream')};base64,{encoded}"
+    data, kind = path.read_bytes(), mime.get(path.suffix.lower(), "application/octet-stream")
+    if kind == "image/png" and len(data) > LOSSLESS_UP_TO:
+        with Image.open(io.BytesIO(data)) as img:
+            buffer = io.BytesIO()
+            img.convert("RGB").save(buffer, "JPEG", quality=88)
+        if buffer.tell() < len(data):
+            data, kind = buffer.getvalue(), "image/jpeg"
+    return f"data:{kind};base64,{base64.b64encode(data).decode('ascii')}"
 
 
 def _text(value: Any) -> str:
