@@ -7,7 +7,6 @@ built-in example plus an ``index.html`` linking them.
 
 from __future__ import annotations
 
-import html
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
@@ -51,17 +50,6 @@ def demo_examples(n_scenes: int = 3) -> list[tuple[str, Any, str]]:
     return examples
 
 
-def write_demo_index(out: str | Path, rows: Sequence[tuple[str, str, str]]) -> Path:
-    """Write ``out/index.html``, an offline page linking each ``(name, question, answer)`` run's report."""
-    items = "".join(f'<li><a href="{html.escape(name)}/report.html">{html.escape(name)}</a>: '
-                    f"{html.escape(q)} → <b>{html.escape(a)}</b></li>" for name, q, a in rows)
-    path = Path(out) / "index.html"
-    text = (f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>llava-lens demo</title>'
-            f"</head><body><h2>llava-lens demo</h2><ul>{items}</ul></body></html>\n")
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
 def run_demo(lens: Any, out: str | Path, n_scenes: int = 3, layers: Optional[Sequence[int]] = None,
              max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, echo: Any = None) -> Path:
     """Analyse :func:`demo_examples` into ``out/<name>/`` each; return the ``index.html`` linking them.
@@ -74,4 +62,6 @@ def run_demo(lens: Any, out: str | Path, n_scenes: int = 3, layers: Optional[Seq
         rows.append((name, question, trace.text))
         if echo is not None:
             echo(f"{name}: {question} -> {trace.text!r}")
-    return write_demo_index(out, rows)
+    from llava_lens.views import write_index
+
+    return write_index(out, rows, title="llava-lens demo")
