@@ -169,7 +169,7 @@ def _lens_prompt(trace: Trace, bridge: Any, n_layers: int, k: int, chunk: int):
     return empty.long(), empty
 
 
-def logit_lens(trace: Trace, lens: Any, k: int = 5, prompt: bool = True, chunk: int = 32) -> LogitLens:
+def logit_lens(trace: Trace, lens: Any, k: int = 5, prompt: bool = True, chunk: int = 8) -> LogitLens:
     """Decode every layer's residual stream at every generated step (and prompt position).
 
     Args:

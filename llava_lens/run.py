@@ -30,7 +30,7 @@ def analyse_to_dir(lens: Any, image: Any, question: str, out: str | Path, layers
     trace = lens.trace(image, question, max_new_tokens=max_new_tokens, prefill_cache=True)
     result = logit_lens(trace, lens, k=5)
     views.export(trace, out, result, layers=layers)
-    write_report(out, layers=layers)
+    write_report(out, layers=layers, trace=trace)
     return trace
 
 

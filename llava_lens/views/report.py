@@ -159,18 +159,19 @@ def _files_section(run: Path, manifest: Optional[dict], notes: list[str]) -> str
 
 
 def write_report(run_dir: str | Path, layers: Optional[Sequence[int]] = None,
-                 window: Optional[tuple[int, int]] = None) -> Path:
+                 window: Optional[tuple[int, int]] = None, trace: Optional[Trace] = None) -> Path:
     """Write ``run_dir/report.html``: one offline file with everything :func:`export` wrote.
 
     ``layers`` picks the attention views (default: the layers exported, at most ``MAX_LAYERS``
     evenly spaced and as many as fit ``MAX_BYTES``); ``window`` the positions shown individually
     in them (default: the export's window, else all, image features grouped per row). Raises
-    :class:`llava_lens.LlavaLensError` when ``run_dir`` holds no trace.
+    :class:`llava_lens.LlavaLensError` when ``run_dir`` holds no trace. ``trace``: the trace that
+    :func:`export` wrote there, if still in memory (saves loading a second copy: 250 MB for NeXT).
     """
     run = Path(run_dir)
     if not run.is_dir():
         raise LlavaLensError(f"run directory not found: {run}")
-    trace = Trace.load(run)
+    trace = trace if trace is not None else Trace.load(run)
     manifest = read_manifest(run)
     options = (manifest or {}).get("options") or {}
     if window is None and options.get("window"):
