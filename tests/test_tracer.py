@@ -2,44 +2,23 @@
 
 import pytest
 import torch
-from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+from helpers import check_bridge_logits_equal_hf, check_greedy_equal_hf_generate
 
 import llava_lens as ll
 
 QUESTION = "what color is the circle ?"
 
 
-def _hf(model_dir, family):
-    cls = LlavaForConditionalGeneration if family == "llava" else LlavaNextForConditionalGeneration
-    return cls.from_pretrained(model_dir, attn_implementation="eager").eval()
-
-
 @pytest.mark.parametrize("which", ["llava", "llava_next"])
 def test_bridge_logits_equal_hf(which, lens, next_lens, llava_dir, next_dir, image):
     lens_, model_dir = (lens, llava_dir) if which == "llava" else (next_lens, next_dir)
-    inputs, _ = lens_.prepare(image, QUESTION)
-    hf = _hf(model_dir, which)
-    with torch.no_grad():
-        ref = hf(input_ids=inputs.input_ids, pixel_values=inputs.pixel_values, **inputs.extra).logits
-        ours = lens_.bridge(inputs.input_ids, pixel_values=inputs.pixel_values, **inputs.extra)
-    assert ours.shape == ref.shape
-    assert (ours - ref).abs().max() <= 1e-4
+    check_bridge_logits_equal_hf(lens_, model_dir, which, image, QUESTION)
 
 
 @pytest.mark.parametrize("which", ["llava", "llava_next"])
 def test_greedy_tokens_equal_hf_generate(which, lens, next_lens, llava_dir, next_dir, image):
     lens_, model_dir = (lens, llava_dir) if which == "llava" else (next_lens, next_dir)
-    inputs, _ = lens_.prepare(image, QUESTION)
-    hf = _hf(model_dir, which)
-    n = 10
-    with torch.no_grad():
-        out = hf.generate(input_ids=inputs.input_ids, pixel_values=inputs.pixel_values, **inputs.extra,
-                          attention_mask=torch.ones_like(inputs.input_ids), max_new_tokens=n,
-                          do_sample=False)
-    expected = out[0, inputs.input_ids.shape[1]:].tolist()
-    trace = lens_.trace(image, QUESTION, max_new_tokens=n)
-    assert trace.token_ids == expected
-    assert trace.text == lens_.tokenizer.decode(expected, skip_special_tokens=True)
+    check_greedy_equal_hf_generate(lens_, model_dir, which, image, QUESTION, n=10)
 
 
 @pytest.mark.parametrize("which", ["llava", "llava_next"])
