@@ -68,6 +68,18 @@ def test_attention_maps_match_hand(traces):
     assert two_heads[s, r, c] == pytest.approx(float(att[:, :2, pos].mean()), abs=1e-6)
 
 
+def test_image_attention_selects_and_reduces_step_by_step(traces):
+    trace = traces["llava_next"]
+    pos = trace.vision_span.positions
+    full = torch.stack([s.attention[..., pos].float() for s in trace.steps])  # [S, L, H, n] by hand
+    assert torch.equal(g.image_attention(trace), full)
+    torch.testing.assert_close(g.image_attention(trace, [1], reduce="mean"), full[:, 1:2].mean(2))
+    torch.testing.assert_close(g.image_attention(trace, reduce="max"), full.amax(2))
+    torch.testing.assert_close(g.image_attention(trace, [-1], steps=[2], heads=[1]), full[2:3, -1:, 1:2])
+    with pytest.raises(ValueError, match="reduce"):
+        g.image_attention(trace, reduce="sum")
+
+
 def _first_key_heavy(trace):
     """A copy of ``trace`` whose layer-0 heads put 0.9 of their attention on key 0 (``<s>``)."""
     import copy

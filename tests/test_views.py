@@ -258,6 +258,21 @@ def test_heatmap_keeps_image_colours_and_has_a_colour_bar(tmp_path):
     assert rgba[0, 0, 3] == 0 and rgba[0, 2, 3] == pytest.approx(plots.HEAT_ALPHA)
 
 
+def test_heatmap_grid_draws_large_images_at_panel_size():
+    image = Image.new("RGB", (640, 480), (200, 200, 200))
+    heats = torch.zeros(3, 480, 640)
+    heats[1, 240:, 320:] = 1.0  # step 1 is hot in the bottom-right quarter only
+    fig = plots.plot_heatmap_grid(image, heats, ["a", "b", "c"])
+    ax = fig.axes[1]
+    picture, overlay = (im.get_array() for im in ax.get_images())
+    assert max(picture.shape[:2]) == plots.GRID_PANEL_PX == max(overlay.shape[:2])
+    alpha = np.asarray(overlay[..., 3])
+    assert alpha[:120].max() == 0 and alpha[:, :160].max() == 0  # nothing outside the hot quarter
+    assert alpha[120:, 160:].min() == pytest.approx(plots.HEAT_ALPHA)  # all of it painted
+    small = plots.plot_heatmap_grid(Image.new("RGB", (64, 48)), torch.rand(1, 48, 64), ["x"])
+    assert small.axes[0].get_images()[0].get_array().shape[:2] == (48, 64)  # small images kept as they are
+
+
 def test_write_index_links_runs(setup, tmp_path):
     trace, res = setup
     export(trace, tmp_path / "a b", lens_result=res, layers=[0])

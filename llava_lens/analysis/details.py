@@ -35,7 +35,7 @@ def head_pointing(kept: Sequence[tuple]) -> torch.Tensor:
     """``[L, H]`` pointing accuracy of every single head's attention map at the answer step."""
     hits = []
     for trace, qa, step in kept:
-        grids = trace.vision_span.to_grid(image_attention(trace)[step], 0)  # [L, H, rows, cols]
+        grids = trace.vision_span.to_grid(image_attention(trace, steps=[step])[0], 0)  # [L, H, rows, cols]
         hits.append(torch.tensor([[_hit(g, trace, qa) for g in layer] for layer in grids], dtype=torch.float))
     return torch.stack(hits).mean(0)
 

@@ -22,5 +22,6 @@ def image_attention_entropy(trace: Trace, normalized: bool = False) -> torch.Ten
 
     With ``normalized``, divided by ``log(n)`` (n image tokens): 1 = uniform, 0 = one token.
     """
-    ent = row_entropy(image_attention(trace)).mean(-1)  # [S, L, H] -> [S, L]
+    ent = torch.stack([row_entropy(image_attention(trace, steps=[i])[0]).mean(-1)  # [L, H] -> [L], step by step
+                       for i in range(len(trace.steps))])
     return ent / math.log(len(trace.vision_span)) if normalized else ent

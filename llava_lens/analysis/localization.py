@@ -159,7 +159,7 @@ def _head_grids(trace: Trace, step: int, tile: int) -> torch.Tensor:
     """``[L, H, rows, cols]`` attention of every head on grid ``tile`` at ``step``."""
     if not -len(trace.steps) <= step < len(trace.steps):
         raise HeadSelectionError(f"step {step} not in a trace of {len(trace.steps)} steps")
-    return trace.vision_span.to_grid(image_attention(trace)[step], tile)
+    return trace.vision_span.to_grid(image_attention(trace, steps=[step])[0], tile)
 
 
 def _candidates(mass: torch.Tensor, skip_layers: int) -> tuple[list[tuple[int, int]], float]:
@@ -253,7 +253,7 @@ def localization_heads_map(trace: Trace, heads: Union[LocalizationHeads, Sequenc
         heads = heads.heads
     if not heads:
         raise HeadSelectionError("no localization heads given")
-    att = image_attention(trace)  # [S, L, H, n]
-    per_head = torch.stack([att[:, la, h] for la, h in heads], 1)  # [S, k, n]
+    # one (layer, head) at a time: the full [S, L, H, n] stack is 300 MB at LLaVA-NeXT's size
+    per_head = torch.stack([image_attention(trace, [la], heads=[h])[:, 0, 0] for la, h in heads], 1)  # [S, k, n]
     grids = trace.vision_span.to_grid(per_head, tile)  # [S, k, rows, cols]
     return gaussian_smooth(grids, 1.0 if sigma is None else sigma).sum(1)

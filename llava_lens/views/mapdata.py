@@ -47,8 +47,7 @@ def _pack(values: torch.Tensor, trace: Trace, tile: int, label: str, unit: str) 
 
 def llm_rows(trace: Trace, tile: int) -> torch.Tensor:
     """``[S, L, rows, cols]``: each step's attention on grid ``tile``, mean over heads, per layer."""
-    span = trace.vision_span
-    return torch.stack([span.to_grid(s.attention.float()[..., span.positions].mean(1), tile) for s in trace.steps])
+    return trace.vision_span.to_grid(grounding.image_attention(trace, reduce="mean"), tile)
 
 
 def _llm_mean(trace: Trace) -> tuple[dict, str]:

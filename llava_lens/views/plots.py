@@ -183,12 +183,31 @@ def plot_heatmap(image: Image.Image, heat: torch.Tensor, title: str = "") -> Fig
     return fig
 
 
+GRID_PANEL_PX = 320
+"""Longest side, in pixels, of the picture in each panel of :func:`plot_heatmap_grid` (a panel is
+about 240 px wide when saved; 32 full-size copies of a 640x480 photo and its overlays took 0.4 GB)."""
+
+
+def _panel_size(image: Image.Image, heats: torch.Tensor) -> tuple[Image.Image, torch.Tensor]:
+    """``image`` and ``heats [S, H, W]`` shrunk so the longest side is at most :data:`GRID_PANEL_PX`."""
+    scale = GRID_PANEL_PX / max(image.width, image.height, 1)
+    if scale >= 1:
+        return image, heats
+    height, width = max(1, round(image.height * scale)), max(1, round(image.width * scale))
+    small = image.convert("RGB").resize((width, height), Image.BILINEAR)
+    return small, torch.nn.functional.interpolate(heats[None].float(), size=(height, width), mode="nearest")[0]
+
+
 def plot_heatmap_grid(image: Image.Image, heats: torch.Tensor, titles: Sequence[str], n_cols: int = 8) -> Figure:
-    """All steps' heatmaps ``heats [S, H, W]`` over the image in one figure, each scaled to its own max."""
+    """All steps' heatmaps ``heats [S, H, W]`` over the image in one figure, each scaled to its own max.
+
+    Panels are drawn from a copy of the image and maps at most :data:`GRID_PANEL_PX` pixels long.
+    """
     n = heats.shape[0]
     n_cols = max(1, min(n_cols, n))
     n_rows = math.ceil(n / n_cols)
     aspect = image.height / max(image.width, 1)
+    image, heats = _panel_size(image, heats)
     fig = figure(2.2 * n_cols + 0.8, (2.2 * aspect + 0.35) * n_rows)
     axes = fig.subplots(n_rows, n_cols, squeeze=False).flatten()
     for i, ax in enumerate(axes):
