@@ -322,3 +322,11 @@ def test_eval_grounding_prints_and_writes_the_table(tmp_path, capsys):
         assert f"| {method} |" in out
     assert "chance" in out
     assert (tmp_path / "grounding.md").read_text().strip() == out.strip()
+
+
+def test_mmap_threshold_is_fixed_on_glibc():
+    import platform
+
+    from llava_lens.cli.main import fix_mmap_threshold
+
+    assert fix_mmap_threshold() is (platform.libc_ver()[0] == "glibc")

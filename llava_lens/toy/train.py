@@ -224,7 +224,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     """Command-line arguments of ``python -m llava_lens.toy.train``."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(DEFAULT_OUT))
-    p.add_argument("--vision-steps", type=int, default=1200, help="stage 1: patch-label pretraining steps")
+    p.add_argument("--vision-steps", type=int, default=2400, help="stage 1: patch-label pretraining steps")
     p.add_argument("--vision-batch-size", type=int, default=64, help="images per stage-1 step")
     p.add_argument("--vision-lr", type=float, default=2e-3)
     p.add_argument("--steps", type=int, default=3000, help="stage 2: question-answering steps")
