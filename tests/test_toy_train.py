@@ -57,6 +57,24 @@ def test_shared_image_loss_equals_the_plain_forward(tiny_run):
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
 
 
+def test_shared_prefix_gradients_equal_the_plain_forward(tiny_run):
+    """The prompt prefix runs once per scene; the gradients must still be HF's, parameter by parameter."""
+    out, _ = tiny_run
+    batch = QABatches(AutoProcessor.from_pretrained(out), 5, 3, Style(size=32))[2]
+    grads = []
+    for plain in (False, True):
+        model = LlavaForConditionalGeneration.from_pretrained(out).eval()
+        if plain:
+            loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                         pixel_values=batch["pixel_values"][batch["scene_index"]]).loss
+        else:
+            loss = qa_loss(model, batch)
+        loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if "vision_tower" not in n})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grad, grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_loss_only_on_answer_tokens(tiny_run):
     processor = AutoProcessor.from_pretrained(tiny_run[0])
     data = QABatches(processor, 0, 4, Style(size=32))
