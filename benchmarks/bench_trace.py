@@ -29,7 +29,7 @@ import torch
 from transformers import LlavaForConditionalGeneration
 
 import llava_lens as ll
-from llava_lens.toy.build import build_llava
+from llava_lens.toy.build import ModelSizes, build_llava
 
 SHAPES = {
     # 8 layers, d_model 512, 13x13 patches -> 169 image tokens + ~16 text tokens (~185 prompt)
@@ -96,7 +96,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(args.model) if args.model else Path(tmp) / "model"
         if not args.model:
-            build_llava(model_dir, "llava", dtype=dtype, **SHAPES[args.shape])
+            build_llava(model_dir, "llava", sizes=ModelSizes(**SHAPES[args.shape]), dtype=dtype)
         rows, notebook = run_rows(model_dir, args, dtype)
     print_table(rows, notebook, args)
 

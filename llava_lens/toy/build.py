@@ -8,6 +8,7 @@ embedded toy model (which trains what this builds). Everything is saved with pla
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -111,34 +112,47 @@ def _text_config(vocab_size: int, d_model: int, layers: int, heads: int, kv_head
     )
 
 
+@dataclass(frozen=True)
+class ModelSizes:
+    """Geometry of a built LLaVA; the defaults are a tiny model for unit tests.
+
+    ``image_size`` and ``patch_size`` in pixels (``(image_size // patch_size) ** 2`` image tokens);
+    the CLIP vision tower's width, layers and heads; the Llama language model's ``d_model``, layers,
+    heads and key/value heads (``None``: as many as ``n_heads``, no grouped-query attention).
+    """
+
+    image_size: int = 32
+    patch_size: int = 8
+    vision_width: int = 32
+    vision_layers: int = 2
+    vision_heads: int = 2
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int | None = None
+
+
 def build_llava(
     out_dir: str | Path,
     family: Literal["llava", "llava_next"] = "llava",
     *,
     tokenizer: PreTrainedTokenizerFast | None = None,
-    image_size: int = 32,
-    patch_size: int = 8,
-    vision_width: int = 32,
-    vision_layers: int = 2,
-    vision_heads: int = 2,
-    d_model: int = 64,
-    n_layers: int = 2,
-    n_heads: int = 4,
-    n_kv_heads: int | None = None,
+    sizes: ModelSizes = ModelSizes(),
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     save: bool = True,
 ) -> LlavaForConditionalGeneration | LlavaNextForConditionalGeneration:
-    """Build a randomly initialised LLaVA-1.5 (``family="llava"``) or LLaVA-NeXT model.
+    """Build a randomly initialised LLaVA-1.5 (``family="llava"``) or LLaVA-NeXT model of ``sizes``.
 
     The model directory (weights as safetensors, config naming its architecture, tokenizer,
     image processor and processor with chat template) is written to ``out_dir`` when ``save``.
-    Sizes default to a tiny model suitable for unit tests; pass real sizes for benchmarks.
+    The default sizes are a tiny model suitable for unit tests; pass real sizes for benchmarks.
     """
     tokenizer = tokenizer or word_tokenizer()
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
-    vision = _vision_config(image_size, patch_size, vision_width, vision_layers, vision_heads)
-    text = _text_config(len(tokenizer), d_model, n_layers, n_heads, n_kv_heads)
+    image_size, patch_size = sizes.image_size, sizes.patch_size
+    vision = _vision_config(image_size, patch_size, sizes.vision_width, sizes.vision_layers, sizes.vision_heads)
+    text = _text_config(len(tokenizer), sizes.d_model, sizes.n_layers, sizes.n_heads, sizes.n_kv_heads)
     torch.manual_seed(seed)
     mean, std = list(OPENAI_CLIP_MEAN), list(OPENAI_CLIP_STD)
     if family == "llava":

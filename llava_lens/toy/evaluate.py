@@ -160,14 +160,17 @@ def write_card(model_dir: str | Path, results_table: str, n_scenes: int, n_ood: 
     command = (f"python -m llava_lens.toy.train --vision-steps {log['vision_steps']} --vision-batch-size "
                f"{log['vision_batch_size']} --vision-lr {log['vision_lr']} --steps {qa_steps} --batch-size "
                f"{log['batch_size']} --lr {log['lr']} --styles {styles}")
-    cpu = f" ({log['cpu_seconds'] / 60:.1f} CPU minutes)" if log.get("cpu_seconds") else ""
+    cpu = f" ({log['cpu_seconds'] / 60:.1f} CPU minutes in the training process)" if log.get("cpu_seconds") else ""
+    workers = log.get("vision_workers", 0)
+    threads = (f"stage 1: {log['threads'] - workers} torch thread(s) + {workers} scene-drawing worker(s); "
+               f"stage 2: {log['threads']} torch threads" if workers else f"{log['threads']} torch threads")
     text = CARD.format(command=command, cpu=cpu, styles=STYLES_NOTE[styles],
                        vocabulary=" ".join(card_vocabulary(model_dir)), seed=log["seed"],
                        vision_steps=log["vision_steps"], vision_batch=log["vision_batch_size"],
                        vision_lr=log["vision_lr"], qa_steps=qa_steps, extra=extra,
                        batch=log["batch_size"], lr=log["lr"],
                        minutes=log["seconds"] / 60, sizes=sizes, curve=curve, table=results_table,
-                       n_scenes=n_scenes, n_ood=n_ood, base=HELD_OUT_BASE, threads=log["threads"])
+                       n_scenes=n_scenes, n_ood=n_ood, base=HELD_OUT_BASE, threads=threads)
     (model_dir / "README.md").write_text(text)
     return model_dir / "README.md"
 
@@ -193,7 +196,7 @@ ground-truth per-object masks, so attributions can be checked against the true a
   prompt `USER: <image>\\n{{question}} ASSISTANT:`. Any other word is read as `<unk>` (llava-lens
   warns, naming it).
 - Training, seed {seed}, {minutes:.1f} minutes of wall-clock time{cpu} on a shared 2-core CPU
-  ({threads} torch threads):
+  ({threads}):
   `{command}`
   in two stages:
   1. vision tower: {vision_steps} steps of {vision_batch} images, AdamW lr {vision_lr}; linear heads on the
@@ -233,10 +236,10 @@ Held-out scenes use seeds {base} + k; {n_scenes} scenes for "held-out" and "blan
 {table}
 
 Measured numbers only; rerun the evaluate command to reproduce (`--write-card` rewrites this file).
-Colour, shape and count are learned early in stage 2; position and yes/no existence questions (the
-answer needs a conjunction of shape and colour, or the object's column) were still at chance
-after 1600 stage-2 steps (probes of 40 held-out scenes) and are learned late, which is why
-those two types are asked twice per scene. Every row below "blank image" is drawn unlike the
+Position and yes/no existence questions (the answer needs a conjunction of shape and colour, or the
+object's column) are learned last: in an earlier run they were still at chance after 1600 stage-2
+steps while colour, shape and count were learned (probes of 40 held-out scenes), which is why those
+two types are asked twice per scene. Every row below "blank image" is drawn unlike the
 original renderer (`Style()`): for a model trained with `--styles fixed` it is off the training
 distribution; `--styles random` trains on all of them.
 """
