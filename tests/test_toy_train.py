@@ -44,6 +44,12 @@ def test_two_stage_run_writes_a_loadable_model(tiny_run):
     assert loss < 4.5  # vocabulary of ~75 words: ln(75) = 4.3 at random; trained must not be worse
 
 
+def _plain_loss(model, batch):
+    """HF's own forward: every sequence with its scene's pixels, the whole prompt per sequence."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                 pixel_values=batch["pixel_values"][batch["scene_index"]]).loss
+
+
 def test_shared_image_loss_equals_the_plain_forward(tiny_run):
     """Encoding each scene once and sharing it must be exactly HF's forward with repeated pixels."""
     out, _ = tiny_run
@@ -52,8 +58,7 @@ def test_shared_image_loss_equals_the_plain_forward(tiny_run):
     assert len(batch["scene_index"]) > 2
     with torch.no_grad():
         ours = qa_loss(model, batch)
-        theirs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                       pixel_values=batch["pixel_values"][batch["scene_index"]]).loss
+        theirs = _plain_loss(model, batch)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
 
 
@@ -64,12 +69,7 @@ def test_shared_prefix_gradients_equal_the_plain_forward(tiny_run):
     grads = []
     for plain in (False, True):
         model = LlavaForConditionalGeneration.from_pretrained(out).eval()
-        if plain:
-            loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                         pixel_values=batch["pixel_values"][batch["scene_index"]]).loss
-        else:
-            loss = qa_loss(model, batch)
-        loss.backward()
+        (_plain_loss(model, batch) if plain else qa_loss(model, batch)).backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if "vision_tower" not in n})
     for name, grad in grads[0].items():
         torch.testing.assert_close(grad, grads[1][name], rtol=1e-4, atol=1e-6, msg=name)

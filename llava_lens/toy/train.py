@@ -92,8 +92,7 @@ def qa_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     n = shared_prefix_length(ids)
     if (batch["labels"][:, : n + 1] != -100).any():  # the prediction made at position n - 1 is dropped
         raise ValueError("qa_loss: an answer token lies in the prompt prefix shared by every sequence")
-    first = torch.stack([(index == k).nonzero()[0, 0] for k in range(len(features))])
-    prefix = ids[first, :n]  # one row per scene
+    prefix = ids[:1, :n].expand(len(features), n)  # equal in every row by definition: one per scene
     embeds = model.get_input_embeddings()(prefix)
     embeds = embeds.masked_scatter((prefix == model.config.image_token_id)[..., None], features.to(embeds.dtype))
     cache = model(inputs_embeds=embeds, use_cache=True).past_key_values
