@@ -9,7 +9,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from llava_lens.toy.batches import COLOR_NAMES, PatchBatches, QABatches, patch_labels, pixels
+from llava_lens.toy.batches import ATTRIBUTE_WORDS, COLOR_NAMES, PatchBatches, QABatches, patch_labels, pixels
 from llava_lens.toy.scenes import SHAPES, Style, make_scene
 from llava_lens.toy.train import lr_at, parse_args, qa_loss, train
 
@@ -176,3 +176,38 @@ def test_patch_labels_on_a_larger_canvas_match_the_downscaled_grid():
     for obj in scene.objects:
         covered |= obj.mask.reshape(8, 16, 8, 16).any((1, 3)).reshape(-1)
     assert (shape[~covered] == len(SHAPES)).all()
+
+
+def test_attribute_words_weigh_more_and_the_loss_is_their_weighted_mean(tiny_run):
+    """``answer_weight`` lands on the attribute words only; the loss is a hand-computed weighted mean."""
+    out, _ = tiny_run
+    processor = AutoProcessor.from_pretrained(out)
+    batch = QABatches(processor, 3, 2, Style(size=32), answer_weight=5.0)[4]
+    tok = processor.tokenizer
+    for ids, labels, weights in zip(batch["input_ids"], batch["labels"], batch["weights"]):
+        answer = [(tok.convert_ids_to_tokens(int(t)), float(w)) for t, y, w in zip(ids, labels, weights) if y != -100]
+        assert answer and all(w == (5.0 if word in ATTRIBUTE_WORDS else 1.0) for word, w in answer), answer
+        assert float(weights[labels == -100].abs().sum()) == 0.0
+    assert (batch["weights"] == 5.0).sum() >= len(batch["scene_index"])  # every answer names something
+    model = LlavaForConditionalGeneration.from_pretrained(out).eval()
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       pixel_values=batch["pixel_values"][batch["scene_index"]]).logits
+        ours = qa_loss(model, batch)
+    expected, total = 0.0, 0.0
+    for seq, labels, weights in zip(logits.log_softmax(-1), batch["labels"], batch["weights"]):
+        for t in range(1, labels.shape[0]):
+            if labels[t] != -100:  # the token at t is predicted at t - 1
+                expected -= float(weights[t]) * float(seq[t - 1, labels[t]])
+                total += float(weights[t])
+    torch.testing.assert_close(ours.item(), expected / total, rtol=1e-5, atol=1e-6)
+
+
+def test_a_type_named_twice_in_extra_is_asked_twice_more(tiny_run):
+    processor = AutoProcessor.from_pretrained(tiny_run[0])
+    n_qas = [len(make_scene(s, Style(size=32)).qas) for s in (0, 1, 2)]
+    twice = QABatches(processor, 0, 3, Style(size=32), extra=("count", "count"))[0]
+    assert twice["scene_index"].tolist() == [k for k, n in enumerate(n_qas) for _ in range(n + 2)]
+    count_id = processor.tokenizer.convert_tokens_to_ids("many")  # "how many objects are there ?"
+    per_scene = [int((twice["input_ids"][twice["scene_index"] == k] == count_id).any(1).sum()) for k in range(3)]
+    assert per_scene == [3, 3, 3]

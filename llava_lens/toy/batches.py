@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from llava_lens.toy.scenes import COLORS, SHAPES, Scene, Style, make_qas, make_scene
+from llava_lens.toy.scenes import COLORS, NUMBERS, SHAPES, Scene, Style, make_qas, make_scene
 
 MEAN = np.array(OPENAI_CLIP_MEAN, dtype=np.float32)
 STD = np.array(OPENAI_CLIP_STD, dtype=np.float32)
@@ -28,6 +28,11 @@ COLOR_NAMES = tuple(COLORS)
 StyleLike = Union[Style, Callable[[int], Style]]
 # A patch belongs to the object covering most of it, if that object covers at least this share.
 MIN_COVER = 0.15
+# The words that name what an answer says about the image (colour, shape, number, yes/no, side).
+# Weighting them up in stage 2 (``answer_weight``) makes the one word that decides a position or
+# yes/no answer count as much as the sentence around it; an attribute word that is only copied from
+# the question ("the *star* is red") is weighted too, harmlessly: copying is learned first.
+ATTRIBUTE_WORDS = (*COLORS, *SHAPES, *NUMBERS, "yes", "no", "left", "right", "top", "bottom")
 
 
 def scene_seed(seed: int, step: int, index: int, batch_size: int) -> int:
@@ -99,14 +104,19 @@ class PatchBatches(torch.utils.data.Dataset):
 class QABatches(torch.utils.data.Dataset):
     """Map-style dataset whose item ``step`` is the question-answering batch of that step.
 
-    ``batch_size`` scenes, all of each scene's QA pairs, plus one more freshly drawn question of each
-    type in ``extra`` (the types that take longest to learn get more of the batch). Keys: ``pixel_values [S, 3, H, W]``,
-    ``scene_index [N]``, ``input_ids``/``attention_mask``/``labels`` ``[N, T]`` (right-padded).
+    ``batch_size`` scenes, all of each scene's QA pairs, plus one more freshly drawn question per
+    mention of a type in ``extra`` (the types that take longest to learn get more of the batch).
+    Keys: ``pixel_values [S, 3, H, W]``, ``scene_index [N]``,
+    ``input_ids``/``attention_mask``/``labels``/``weights`` ``[N, T]`` (right-padded).
+    ``weights`` is the loss weight of each label: ``answer_weight`` on the words in ``ATTRIBUTE_WORDS``,
+    1 on the other answer tokens, 0 outside the answer.
     """
 
-    def __init__(self, processor, seed: int, batch_size: int, style: StyleLike, extra: tuple[str, ...] = ()):
+    def __init__(self, processor, seed: int, batch_size: int, style: StyleLike, extra: tuple[str, ...] = (),
+                 answer_weight: float = 1.0):
         self.tok = processor.tokenizer
-        self.extra = extra
+        self.extra, self.answer_weight = extra, answer_weight
+        self.attribute = set(self.tok.convert_tokens_to_ids(list(ATTRIBUTE_WORDS))) - {self.tok.unk_token_id}
         self.image_id = self.tok.convert_tokens_to_ids("<image>")
         self.seed, self.batch_size, self.style = seed, batch_size, style
         self.image_size = processor.image_processor.crop_size["height"]
@@ -123,6 +133,15 @@ class QABatches(torch.utils.data.Dataset):
         target = self.tok(answer, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
         return prompt + target, [-100] * len(prompt) + target
 
+    def extra_qas(self, seed: int, objects, size: int) -> list:
+        """Freshly drawn questions of the types in ``extra``; a type named k times is drawn k times."""
+        qas = []
+        for round_ in range(max((self.extra.count(t) for t in self.extra), default=0)):
+            rng = np.random.default_rng(seed + 2**50 if round_ == 0 else (seed, round_))
+            wanted = {t for t in self.extra if self.extra.count(t) > round_}
+            qas += [qa for qa in make_qas(rng, objects, size) if qa.qtype in wanted]
+        return qas
+
     def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
         ids, labels, images, index = [], [], [], []
         for k in range(self.batch_size):
@@ -130,18 +149,20 @@ class QABatches(torch.utils.data.Dataset):
             scene = make_scene(seed, style_of(self.style, seed))
             images.append(scene.image)
             size = scene.image.shape[0]
-            more = make_qas(np.random.default_rng(seed + 2**50), scene.objects, size) if self.extra else []
-            for qa in scene.qas + [qa for qa in more if qa.qtype in self.extra]:
+            for qa in scene.qas + self.extra_qas(seed, scene.objects, size):
                 x, y = self.encode(qa.question, qa.answer)
                 ids.append(x)
                 labels.append(y)
                 index.append(k)
         width = max(map(len, ids))
         pad = self.tok.pad_token_id
+        weights = [[0.0 if t == -100 else self.answer_weight if t in self.attribute else 1.0 for t in y]
+                   + [0.0] * (width - len(y)) for y in labels]
         return {
             "pixel_values": pixels(images, self.image_size),
             "scene_index": torch.tensor(index),
             "input_ids": torch.tensor([x + [pad] * (width - len(x)) for x in ids]),
             "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids]),
             "labels": torch.tensor([y + [-100] * (width - len(y)) for y in labels]),
+            "weights": torch.tensor(weights),
         }

@@ -83,7 +83,8 @@ def qa_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     Every prompt starts ``USER: <image>...``, so a scene's 4-7 sequences share their first ~66
     positions: those run once per scene and their keys/values are copied to each of the scene's
     sequences (~2.5x fewer positions through the language model). Labels there are all -100.
-    Equal to ``model(input_ids, pixel_values=pixel_values[scene_index], ...).loss`` (tested).
+    The loss is :func:`weighted_loss` with the batch's ``weights``; with every weight 1 it equals
+    ``model(input_ids, pixel_values=pixel_values[scene_index], ...).loss`` (tested).
     """
     with torch.no_grad():
         hidden = patch_features(model, batch["pixel_values"])
@@ -98,8 +99,19 @@ def qa_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     cache = model(inputs_embeds=embeds, use_cache=True).past_key_values
     cache.reorder_cache(index)  # scene rows -> sequence rows (differentiable indexing)
     suffix = model.get_input_embeddings()(ids[:, n:])
-    return model(inputs_embeds=suffix, past_key_values=cache, attention_mask=batch["attention_mask"],
-                 labels=batch["labels"][:, n:]).loss
+    logits = model(inputs_embeds=suffix, past_key_values=cache, attention_mask=batch["attention_mask"]).logits
+    return weighted_loss(logits, batch["labels"][:, n:], batch["weights"][:, n:])
+
+
+def weighted_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy of ``logits [N, T, V]``, each label weighted (``weights [N, T]``, 0 = unscored).
+
+    With every answer token weighted 1 this is the mean that ``model(..., labels=labels).loss`` gives.
+    """
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                            ignore_index=-100, reduction="none")
+    w = weights[:, 1:].flatten().to(nll.dtype)
+    return (nll * w).sum() / w.sum()
 
 
 @dataclass
@@ -129,7 +141,7 @@ def stages(model, heads: PatchHeads, processor, args: argparse.Namespace, style:
                            processor.image_processor.crop_size["height"]),
               lambda b: heads.loss(patch_features(model, b["pixel_values"]), b["labels"]), args.vision_workers),
         Stage("language", v, v + args.steps, language, args.lr, args.warmup,
-              QABatches(processor, args.seed, args.batch_size, style, extra),
+              QABatches(processor, args.seed, args.batch_size, style, extra, args.answer_weight),
               lambda b: qa_loss(model, b), args.workers),
     ]
 
@@ -232,7 +244,8 @@ def train(args: argparse.Namespace) -> dict:
     processor.save_pretrained(out)
     log = {"seed": args.seed, "steps": state["step"], "vision_steps": args.vision_steps,
            "vision_batch_size": args.vision_batch_size, "vision_lr": args.vision_lr,
-           "batch_size": args.batch_size, "extra_qtypes": args.extra_qtypes, "lr": args.lr,
+           "batch_size": args.batch_size, "extra_qtypes": args.extra_qtypes,
+           "answer_weight": args.answer_weight, "lr": args.lr,
            "styles": args.styles, "warmup": args.warmup,
            "sizes": {k: v for k, v in asdict(sizes).items() if v is not None},
            "threads": args.threads, "vision_workers": args.vision_workers,
@@ -253,6 +266,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=12, help="scenes per stage-2 step (all their QA pairs)")
     p.add_argument("--extra-qtypes", default="position,exists",
                    help="question types asked twice per scene in stage 2 (comma-separated; '' for none)")
+    p.add_argument("--answer-weight", type=float, default=1.0,
+                   help="stage 2 loss weight of the answer words naming a colour, shape, number, yes/no or side "
+                        "(batches.ATTRIBUTE_WORDS; other answer tokens weigh 1)")
     p.add_argument("--styles", choices=("random", "fixed"), default="random",
                    help="random: every scene drawn in its own style (scenes.random_style); fixed: the original "
                         "dark 64-px renderer")
