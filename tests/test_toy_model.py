@@ -88,19 +88,28 @@ def test_target_report_verdicts():
 def test_model_card_states_the_recipe_it_was_given(tmp_path):
     """The card's command, time and table come from train_log.json and the measured table, nothing else."""
     import json
+    import shlex
     import shutil
 
     from llava_lens.toy.evaluate import write_card
+    from llava_lens.toy.train import parse_args
 
     shutil.copytree(CKPT, tmp_path / "m")
     log = {"seed": 3, "steps": 12, "vision_steps": 7, "vision_batch_size": 5, "vision_lr": 0.002,
-           "batch_size": 4, "extra_qtypes": "exists", "lr": 0.001, "styles": "random", "warmup": 2,
+           "batch_size": 4, "extra_qtypes": "shape,exists,exists", "answer_weight": 3.0, "lr": 0.001,
+           "styles": "random", "warmup": 2,
            "sizes": {"image_size": 64}, "threads": 2, "vision_workers": 1, "seconds": 90.0,
            "cpu_seconds": 120.0, "losses": [[5, "vision", 1.5], [12, "language", 0.25]]}
     (tmp_path / "m" / "train_log.json").write_text(json.dumps(log))
     card = write_card(tmp_path / "m", "| my | table |", 11, 13).read_text()
     assert ("`python -m llava_lens.toy.train --vision-steps 7 --vision-batch-size 5 --vision-lr 0.002 "
-            "--steps 5 --batch-size 4 --lr 0.001 --styles random`") in card
+            "--vision-workers 1 --steps 5 --batch-size 4 --lr 0.001 --extra-qtypes 'shape,exists,exists' "
+            "--answer-weight 3 --styles random`") in card
+    command = card.split("`python -m llava_lens.toy.train ")[1].split("`")[0]
+    args = parse_args(shlex.split(command))  # the card's command is one the trainer accepts, as stated
+    assert (args.extra_qtypes, args.answer_weight, args.vision_workers, args.steps) == ("shape,exists,exists", 3, 1, 5)
+    assert "plus one more shape and two more exists question each" in card
+    assert "3x on the words naming a colour" in card
     assert "seed 3, 1.5 minutes of wall-clock time (2.0 CPU minutes in the training process)" in card
     assert "stage 1: 1 torch thread(s) + 1 scene-drawing worker(s); stage 2: 2 torch threads" in card
     assert "| 12 | language | 0.2500 |" in card and "| my | table |" in card and "11 scenes" in card

@@ -155,24 +155,39 @@ def write_card(model_dir: str | Path, results_table: str, n_scenes: int, n_ood: 
     curve = "\n".join(f"| {step} | {stage} | {loss:.4f} |" for step, stage, loss in picks)
     sizes = ", ".join(f"{k}={v}" for k, v in log["sizes"].items())
     qa_steps = log["steps"] - log["vision_steps"]
-    extra = " / ".join(filter(None, log["extra_qtypes"].split(","))) or "no"
-    styles = log.get("styles", "fixed")
-    command = (f"python -m llava_lens.toy.train --vision-steps {log['vision_steps']} --vision-batch-size "
-               f"{log['vision_batch_size']} --vision-lr {log['vision_lr']} --steps {qa_steps} --batch-size "
-               f"{log['batch_size']} --lr {log['lr']} --styles {styles}")
-    cpu = f" ({log['cpu_seconds'] / 60:.1f} CPU minutes in the training process)" if log.get("cpu_seconds") else ""
+    styles, weight = log.get("styles", "fixed"), log.get("answer_weight", 1.0)
     workers = log.get("vision_workers", 0)
+    command = (f"python -m llava_lens.toy.train --vision-steps {log['vision_steps']} --vision-batch-size "
+               f"{log['vision_batch_size']} --vision-lr {log['vision_lr']} --vision-workers {workers} --steps "
+               f"{qa_steps} --batch-size {log['batch_size']} --lr {log['lr']} --extra-qtypes "
+               f"'{log['extra_qtypes']}' --answer-weight {weight:g} --styles {styles}")
+    cpu = f" ({log['cpu_seconds'] / 60:.1f} CPU minutes in the training process)" if log.get("cpu_seconds") else ""
     threads = (f"stage 1: {log['threads'] - workers} torch thread(s) + {workers} scene-drawing worker(s); "
                f"stage 2: {log['threads']} torch threads" if workers else f"{log['threads']} torch threads")
     text = CARD.format(command=command, cpu=cpu, styles=STYLES_NOTE[styles],
                        vocabulary=" ".join(card_vocabulary(model_dir)), seed=log["seed"],
                        vision_steps=log["vision_steps"], vision_batch=log["vision_batch_size"],
-                       vision_lr=log["vision_lr"], qa_steps=qa_steps, extra=extra,
+                       vision_lr=log["vision_lr"], qa_steps=qa_steps, extra=extra_phrase(log["extra_qtypes"]),
+                       weighting=WEIGHTING_NOTE if weight == 1 else f"{WEIGHTING_NOTE}, {weight:g}x on {ATTRIBUTES}",
                        batch=log["batch_size"], lr=log["lr"],
                        minutes=log["seconds"] / 60, sizes=sizes, curve=curve, table=results_table,
                        n_scenes=n_scenes, n_ood=n_ood, base=HELD_OUT_BASE, threads=threads)
     (model_dir / "README.md").write_text(text)
     return model_dir / "README.md"
+
+
+WEIGHTING_NOTE = "loss on the answer\n     tokens only"
+ATTRIBUTES = "the words naming a colour, shape,\n     number, yes/no or side (`batches.ATTRIBUTE_WORDS`)"
+
+
+def extra_phrase(extra_qtypes: str) -> str:
+    """``"position,position,exists"`` -> ``"two more position and one more exists question"``."""
+    names = [t for t in extra_qtypes.split(",") if t]
+    counts = {t: names.count(t) for t in dict.fromkeys(names)}
+    parts = [f"{({1: 'one', 2: 'two', 3: 'three'}).get(n, n)} more {t}" for t, n in counts.items()]
+    if not parts:
+        return "no more question"
+    return (", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0]) + " question"
 
 
 STYLES_NOTE = {
@@ -203,8 +218,7 @@ ground-truth per-object masks, so attributions can be checked against the true a
      projector's input layer predict each patch's shape and colour (or background), row and column.
      The heads are training-only and not part of this model.
   2. projector + language model, vision tower frozen: {qa_steps} steps of {batch} scenes with all their
-     question/answer pairs plus a second {extra} question each, AdamW lr {lr}, loss on the answer
-     tokens only.
+     question/answer pairs plus {extra} each, AdamW lr {lr}, {weighting}.
   Both stages warm up then decay on a cosine; training scenes use seeds below 2**50. {styles}
 - Answers are short sentences: "the triangle is red .", "there are three objects .",
   "yes , there is a red circle .", "the star is on the left .", "the red object is a circle .".
