@@ -11,7 +11,9 @@ Two stages, as a real LLaVA is made (a pretrained CLIP encoder, then the languag
    way for 4350 steps and its vision tower still could not tell shapes apart (15% on shape questions).
 2. ``--steps``: the vision tower is frozen (as in LLaVA-1.5); the projector and the Llama language
    model learn to answer, teacher-forced with the loss on the answer tokens only, on every QA pair
-   of each scene with the scene's image encoded once.
+   of each scene with the scene's image encoded once. ``--answer-weight`` weighs the words that
+   name a colour, shape, number, yes/no or side above the rest of the sentence, and
+   ``--extra-qtypes`` asks the slow types again (a type named twice is asked twice more).
 
 Batches are a pure function of ``(seed, step)``, so a run resumed with ``--resume`` from its last
 checkpoint (safetensors + JSON, no pickles) sees the same data and ends with the same weights.
