@@ -186,7 +186,7 @@ def extra_phrase(extra_qtypes: str) -> str:
     counts = {t: names.count(t) for t in dict.fromkeys(names)}
     parts = [f"{({1: 'one', 2: 'two', 3: 'three'}).get(n, n)} more {t}" for t, n in counts.items()]
     if not parts:
-        return "no more question"
+        return "no extra question"
     return (", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0]) + " question"
 
 
