@@ -98,16 +98,17 @@ def test_model_card_states_the_recipe_it_was_given(tmp_path):
     log = {"seed": 3, "steps": 12, "vision_steps": 7, "vision_batch_size": 5, "vision_lr": 0.002,
            "batch_size": 4, "extra_qtypes": "shape,exists,exists", "answer_weight": 3.0, "lr": 0.001,
            "styles": "random", "warmup": 2,
-           "sizes": {"image_size": 64}, "threads": 2, "vision_workers": 1, "seconds": 90.0,
+           "sizes": {"image_size": 64, "n_heads": 8}, "threads": 2, "vision_workers": 1, "seconds": 90.0,
            "cpu_seconds": 120.0, "losses": [[5, "vision", 1.5], [12, "language", 0.25]]}
     (tmp_path / "m" / "train_log.json").write_text(json.dumps(log))
     card = write_card(tmp_path / "m", "| my | table |", 11, 13).read_text()
     assert ("`python -m llava_lens.toy.train --vision-steps 7 --vision-batch-size 5 --vision-lr 0.002 "
             "--vision-workers 1 --steps 5 --batch-size 4 --lr 0.001 --extra-qtypes 'shape,exists,exists' "
-            "--answer-weight 3 --styles random`") in card
+            "--answer-weight 3 --styles random --lm-heads 8`") in card
     command = card.split("`python -m llava_lens.toy.train ")[1].split("`")[0]
     args = parse_args(shlex.split(command))  # the card's command is one the trainer accepts, as stated
-    assert (args.extra_qtypes, args.answer_weight, args.vision_workers, args.steps) == ("shape,exists,exists", 3, 1, 5)
+    assert (args.extra_qtypes, args.answer_weight, args.vision_workers, args.steps, args.lm_heads) == (
+        "shape,exists,exists", 3, 1, 5, 8)
     assert "plus one more shape and two more exists question each" in card
     assert "3x on the words naming a colour" in card
     assert "seed 3, 1.5 minutes of wall-clock time (2.0 CPU minutes in the training process)" in card

@@ -211,3 +211,15 @@ def test_a_type_named_twice_in_extra_is_asked_twice_more(tiny_run):
     count_id = processor.tokenizer.convert_tokens_to_ids("many")  # "how many objects are there ?"
     per_scene = [int((twice["input_ids"][twice["scene_index"] == k] == count_id).any(1).sum()) for k in range(3)]
     assert per_scene == [3, 3, 3]
+
+
+def test_lm_heads_sets_the_head_count_and_keeps_the_initial_weights(tmp_path):
+    """``--lm-heads`` changes only how d_model is split: same seed, same initial parameters."""
+    plain = _run(tmp_path / "a", 0, vision_steps=0)
+    wide = _run(tmp_path / "b", 0, "--lm-heads", "4", vision_steps=0)
+    assert plain["sizes"]["n_heads"] == 2 and wide["sizes"]["n_heads"] == 4
+    a = LlavaForConditionalGeneration.from_pretrained(tmp_path / "a")
+    b = LlavaForConditionalGeneration.from_pretrained(tmp_path / "b")
+    assert b.config.text_config.num_attention_heads == 4
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), name

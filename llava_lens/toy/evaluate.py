@@ -160,7 +160,8 @@ def write_card(model_dir: str | Path, results_table: str, n_scenes: int, n_ood: 
     command = (f"python -m llava_lens.toy.train --vision-steps {log['vision_steps']} --vision-batch-size "
                f"{log['vision_batch_size']} --vision-lr {log['vision_lr']} --vision-workers {workers} --steps "
                f"{qa_steps} --batch-size {log['batch_size']} --lr {log['lr']} --extra-qtypes "
-               f"'{log['extra_qtypes']}' --answer-weight {weight:g} --styles {styles}")
+               f"'{log['extra_qtypes']}' --answer-weight {weight:g} --styles {styles}"
+               + (f" --lm-heads {log['sizes']['n_heads']}" if "n_heads" in log["sizes"] else ""))
     cpu = f" ({log['cpu_seconds'] / 60:.1f} CPU minutes in the training process)" if log.get("cpu_seconds") else ""
     threads = (f"stage 1: {log['threads'] - workers} torch thread(s) + {workers} scene-drawing worker(s); "
                f"stage 2: {log['threads']} torch threads" if workers else f"{log['threads']} torch threads")

@@ -26,7 +26,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -225,6 +225,8 @@ def train(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     ckpt = Path(args.checkpoint_dir) if args.checkpoint_dir else out / "checkpoint"
     sizes = TINY_SIZES if args.tiny else SIZES
+    if args.lm_heads:  # head count changes no parameter shape: the same seed gives the same initial weights
+        sizes = replace(sizes, n_heads=args.lm_heads)
     model = build_llava(out, "llava", tokenizer=word_tokenizer(BASE_WORDS), sizes=sizes, seed=args.seed)
     processor = AutoProcessor.from_pretrained(out)
     heads = PatchHeads(sizes.vision_width, sizes.image_size // sizes.patch_size)
@@ -287,6 +289,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-minutes", type=float, default=0, help="stop (and save) after this long")
     p.add_argument("--tiny", action="store_true", help="tiny sizes (tests/CI smoke runs)")
+    p.add_argument("--lm-heads", type=int, default=0,
+                   help="language-model attention heads (default: the model size's own, 4; 8 = head dim 16)")
     return p.parse_args(argv)
 
 
