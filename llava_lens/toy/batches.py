@@ -12,6 +12,7 @@ Two kinds, one per training stage (see :mod:`llava_lens.toy.train`):
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from typing import Union
 
@@ -115,8 +116,9 @@ class QABatches(torch.utils.data.Dataset):
     def __init__(self, processor, seed: int, batch_size: int, style: StyleLike, extra: tuple[str, ...] = (),
                  answer_weight: float = 1.0):
         self.tok = processor.tokenizer
-        self.extra, self.answer_weight = extra, answer_weight
-        self.attribute = set(self.tok.convert_tokens_to_ids(list(ATTRIBUTE_WORDS))) - {self.tok.unk_token_id}
+        self.extra, self.answer_weight = Counter(extra), answer_weight
+        ids = set(self.tok.convert_tokens_to_ids(list(ATTRIBUTE_WORDS))) - {self.tok.unk_token_id}
+        self.attribute = torch.tensor(sorted(ids))
         self.image_id = self.tok.convert_tokens_to_ids("<image>")
         self.seed, self.batch_size, self.style = seed, batch_size, style
         self.image_size = processor.image_processor.crop_size["height"]
@@ -136,9 +138,9 @@ class QABatches(torch.utils.data.Dataset):
     def extra_qas(self, seed: int, objects, size: int) -> list:
         """Freshly drawn questions of the types in ``extra``; a type named k times is drawn k times."""
         qas = []
-        for round_ in range(max((self.extra.count(t) for t in self.extra), default=0)):
+        for round_ in range(max(self.extra.values(), default=0)):
             rng = np.random.default_rng(seed + 2**50 if round_ == 0 else (seed, round_))
-            wanted = {t for t in self.extra if self.extra.count(t) > round_}
+            wanted = {t for t, n in self.extra.items() if n > round_}
             qas += [qa for qa in make_qas(rng, objects, size) if qa.qtype in wanted]
         return qas
 
@@ -156,13 +158,13 @@ class QABatches(torch.utils.data.Dataset):
                 index.append(k)
         width = max(map(len, ids))
         pad = self.tok.pad_token_id
-        weights = [[0.0 if t == -100 else self.answer_weight if t in self.attribute else 1.0 for t in y]
-                   + [0.0] * (width - len(y)) for y in labels]
+        labels = torch.tensor([y + [-100] * (width - len(y)) for y in labels])
+        weights = torch.where(torch.isin(labels, self.attribute), self.answer_weight, 1.0) * (labels != -100)
         return {
             "pixel_values": pixels(images, self.image_size),
             "scene_index": torch.tensor(index),
             "input_ids": torch.tensor([x + [pad] * (width - len(x)) for x in ids]),
             "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids]),
-            "labels": torch.tensor([y + [-100] * (width - len(y)) for y in labels]),
-            "weights": torch.tensor(weights),
+            "labels": labels,
+            "weights": weights,
         }

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
-from llava_lens.toy.scenes import COLORS, QTYPES, SHAPES, Style, blank_image, make_scene
+from llava_lens.toy.scenes import COLORS, NUMBERS, QTYPES, SHAPES, Style, blank_image, make_scene
 
 DEFAULT_MODEL = Path(__file__).parent / "shapes-tiny"
 HELD_OUT_BASE = 7 * 2**50  # training scene seeds stay below 2**50
@@ -185,7 +185,7 @@ def extra_phrase(extra_qtypes: str) -> str:
     """``"position,position,exists"`` -> ``"two more position and one more exists question"``."""
     names = [t for t in extra_qtypes.split(",") if t]
     counts = {t: names.count(t) for t in dict.fromkeys(names)}
-    parts = [f"{({1: 'one', 2: 'two', 3: 'three'}).get(n, n)} more {t}" for t, n in counts.items()]
+    parts = [f"{NUMBERS[n] if n < len(NUMBERS) else n} more {t}" for t, n in counts.items()]
     if not parts:
         return "no extra question"
     return (", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0]) + " question"

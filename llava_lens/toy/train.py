@@ -269,7 +269,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=3000, help="stage 2: question-answering steps")
     p.add_argument("--batch-size", type=int, default=12, help="scenes per stage-2 step (all their QA pairs)")
     p.add_argument("--extra-qtypes", default="position,exists",
-                   help="question types asked twice per scene in stage 2 (comma-separated; '' for none)")
+                   help="question types asked again per scene in stage 2, once per mention (comma-separated; "
+                        "'' for none)")
     p.add_argument("--answer-weight", type=float, default=1.0,
                    help="stage 2 loss weight of the answer words naming a colour, shape, number, yes/no or side "
                         "(batches.ATTRIBUTE_WORDS; other answer tokens weigh 1)")
