@@ -253,10 +253,10 @@ Held-out scenes use seeds {base} + k; {n_scenes} scenes for "held-out" and "blan
 Measured numbers only; rerun the evaluate command to reproduce (`--write-card` rewrites this file).
 Position and yes/no existence questions (the answer needs a conjunction of shape and colour, or the
 object's column) are learned last: in an earlier run they were still at chance after 1600 stage-2
-steps while colour, shape and count were learned (probes of 40 held-out scenes), which is why those
-two types are asked twice per scene. Every row below "blank image" is drawn unlike the
-original renderer (`Style()`): for a model trained with `--styles fixed` it is off the training
-distribution; `--styles random` trains on all of them.
+steps while colour, shape and count were learned (probes of 40 held-out scenes), which is why stage 2
+asks them again (`--extra-qtypes`) and can weight the answer words. Every row below "blank image" is
+drawn unlike the original renderer (`Style()`): for a model trained with `--styles fixed` it is off the
+training distribution; `--styles random` trains on all of them.
 """
 
 

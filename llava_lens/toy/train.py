@@ -2,6 +2,8 @@ r"""Train the embedded ``shapes-tiny`` LLaVA from scratch on procedural shape sc
 
     python -m llava_lens.toy.train --out /tmp/shapes-run
 
+The defaults are the recipe of the shipped checkpoint (its model card states it flag by flag).
+
 Two stages, as a real LLaVA is made (a pretrained CLIP encoder, then the language side):
 
 1. ``--vision-steps``: the CLIP vision tower learns to say, for every patch, the shape and colour of
@@ -40,7 +42,7 @@ from llava_lens.toy.scenes import SHAPES, Style, random_style
 
 DEFAULT_OUT = Path(__file__).parent / "shapes-tiny"
 SIZES = ModelSizes(image_size=64, patch_size=8, vision_width=64, vision_layers=4, vision_heads=4,
-                   d_model=128, n_layers=4, n_heads=4)
+                   d_model=128, n_layers=4, n_heads=8)
 TINY_SIZES = ModelSizes(image_size=32, patch_size=8, vision_width=32, vision_layers=2, vision_heads=2,
                         d_model=32, n_layers=2, n_heads=2)
 
@@ -268,10 +270,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vision-lr", type=float, default=2e-3)
     p.add_argument("--steps", type=int, default=3000, help="stage 2: question-answering steps")
     p.add_argument("--batch-size", type=int, default=12, help="scenes per stage-2 step (all their QA pairs)")
-    p.add_argument("--extra-qtypes", default="position,exists",
+    p.add_argument("--extra-qtypes", default="shape,position,position,exists,exists",
                    help="question types asked again per scene in stage 2, once per mention (comma-separated; "
                         "'' for none)")
-    p.add_argument("--answer-weight", type=float, default=1.0,
+    p.add_argument("--answer-weight", type=float, default=4.0,
                    help="stage 2 loss weight of the answer words naming a colour, shape, number, yes/no or side "
                         "(batches.ATTRIBUTE_WORDS; other answer tokens weigh 1)")
     p.add_argument("--styles", choices=("random", "fixed"), default="random",
@@ -283,15 +285,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint, if any")
     p.add_argument("--checkpoint-dir", default=None, help="default: OUT/checkpoint (not part of the shipped model)")
     p.add_argument("--save-every", type=int, default=200)
-    p.add_argument("--vision-workers", type=int, default=1,
-                   help="stage 1 data-loading processes (each takes one of --threads)")
+    p.add_argument("--vision-workers", type=int, default=0,
+                   help="stage 1 data-loading processes (each takes one of --threads; faster, but a different "
+                        "thread layout gives a different vision tower than the shipped one)")
     p.add_argument("--workers", type=int, default=0, help="stage 2 data-loading processes")
     p.add_argument("--threads", type=int, default=2, help="CPU cores to use (torch threads + data workers)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-minutes", type=float, default=0, help="stop (and save) after this long")
     p.add_argument("--tiny", action="store_true", help="tiny sizes (tests/CI smoke runs)")
     p.add_argument("--lm-heads", type=int, default=0,
-                   help="language-model attention heads (default: the model size's own, 4; 8 = head dim 16)")
+                   help="language-model attention heads (default: the model size's own, 8 = head dim 16)")
     return p.parse_args(argv)
 
 
