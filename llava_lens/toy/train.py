@@ -294,7 +294,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-minutes", type=float, default=0, help="stop (and save) after this long")
     p.add_argument("--tiny", action="store_true", help="tiny sizes (tests/CI smoke runs)")
     p.add_argument("--lm-heads", type=int, default=0,
-                   help="language-model attention heads (default: the model size's own, 8 = head dim 16)")
+                   help="language-model attention heads (default: the model size's own; 8 for the shipped size, "
+                        "head dim 16)")
     return p.parse_args(argv)
 
 
