@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -183,8 +183,7 @@ ATTRIBUTES = "the words naming a colour, shape,\n     number, yes/no or side (`b
 
 def extra_phrase(extra_qtypes: str) -> str:
     """``"position,position,exists"`` -> ``"two more position and one more exists question"``."""
-    names = [t for t in extra_qtypes.split(",") if t]
-    counts = {t: names.count(t) for t in dict.fromkeys(names)}
+    counts = Counter(t for t in extra_qtypes.split(",") if t)  # as QABatches counts them; first-seen order
     parts = [f"{NUMBERS[n] if n < len(NUMBERS) else n} more {t}" for t, n in counts.items()]
     if not parts:
         return "no extra question"
