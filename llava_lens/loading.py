@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
@@ -153,6 +155,46 @@ def load_weights(hf_class: Any, source: str, **kwargs: Any) -> Any:
     return model
 
 
+@contextmanager
+def _boot_with(processor: Any) -> Iterator[None]:
+    """During ``boot_transformers``, give the bridge our processor and do not ask for torchvision.
+
+    TransformerLens 4.3's boot loads the model's processor a second time and, when that fails
+    (OneVision and Qwen2.5-VL processors want torchvision for their video processor), runs
+    ``pip install torchvision`` in the user's environment, which can replace their torch with another
+    build; its Qwen2.5-VL adapter refuses to start without torchvision for the same reason. We
+    already hold the processor (loaded without its video half) and the models never import
+    torchvision (tests/test_families.py runs every family without it), so we hand ours over and
+    drop torchvision from the adapter's required libraries. Both are undone on exit; a
+    TransformerLens without these hooks is left alone.
+    """
+    from transformer_lens.model_bridge.architecture_adapter import ArchitectureAdapter
+    try:
+        from transformer_lens.model_bridge.sources.transformers import source as boot_module
+    except ImportError:
+        boot_module = None
+    check_libraries = getattr(ArchitectureAdapter, "_check_required_libraries", None)
+
+    def attach(bridge: Any, *_: Any, **__: Any) -> None:
+        bridge.processor = processor
+
+    def check_without_torchvision(adapter: Any) -> None:
+        adapter.required_libraries = [lib for lib in adapter.required_libraries if lib != "torchvision"]
+        check_libraries(adapter)
+
+    swaps = [(owner, name, new) for owner, name, new in (
+        (boot_module, "load_modality_processor", attach),
+        (ArchitectureAdapter, "_check_required_libraries", check_without_torchvision)) if hasattr(owner, name)]
+    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in swaps]
+    for owner, name, new in swaps:
+        setattr(owner, name, new)
+    try:
+        yield
+    finally:
+        for owner, name, original in originals:
+            setattr(owner, name, original)
+
+
 def load(path_or_id: Optional[str] = None, device: Optional[str] = None,
          dtype: Optional[torch.dtype] = None, **boot_kwargs: Any) -> LlavaLens:
     """Load a supported model (see :mod:`llava_lens.families`) and its processor into a TransformerLens bridge.
@@ -182,6 +224,7 @@ def load(path_or_id: Optional[str] = None, device: Optional[str] = None,
         hf_model = load_weights(family.hf_class, source, dtype=dtype).to(device)
         boot_kwargs["device"] = device
     family.prepare_hf_model(hf_model)
-    bridge = TransformerBridge.boot_transformers(
-        source, hf_model=hf_model.eval(), dtype=dtype, tokenizer=processor.tokenizer, **boot_kwargs)
+    with _boot_with(processor):
+        bridge = TransformerBridge.boot_transformers(
+            source, hf_model=hf_model.eval(), dtype=dtype, tokenizer=processor.tokenizer, **boot_kwargs)
     return LlavaLens(bridge, processor, family, name=path_or_id or DEFAULT_MODEL)

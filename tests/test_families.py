@@ -254,3 +254,27 @@ def test_vit_summary_equals_raw_vision_encoder_patterns(name, built):
     rows, cols = fast.vision_span.grids[0]
     cls = 0 if lens.family.name == "llava-onevision" else 1  # SigLIP has no CLS token, CLIP has one
     assert fast.summary.vit_attention.shape[-1] == rows * cols + cls
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_loading_installs_nothing_and_the_bridge_holds_our_processor(name, built, monkeypatch):
+    """TransformerLens 4.3's boot would load its own processor and, failing (no torchvision), run pip;
+    its Qwen2.5-VL adapter would refuse to start without torchvision (this suite runs without it)."""
+    import subprocess
+
+    calls = []
+
+    def refuse(*args, **kwargs):
+        calls.append(args)
+        raise RuntimeError("llava-lens ran a subprocess while loading a model")
+
+    for fn in ("check_call", "run", "Popen", "call", "check_output"):
+        monkeypatch.setattr(subprocess, fn, refuse)
+    path, _ = built[name]
+    lens = ll.load(str(path), device="cpu")
+    assert calls == []
+    assert lens.bridge.processor is lens.processor
+    from transformer_lens.model_bridge.architecture_adapter import ArchitectureAdapter
+    from transformer_lens.model_bridge.sources.transformers import helpers, source
+    assert source.load_modality_processor is helpers.load_modality_processor  # the swap is undone
+    assert ArchitectureAdapter._check_required_libraries.__qualname__.startswith("ArchitectureAdapter.")
