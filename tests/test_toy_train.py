@@ -89,6 +89,12 @@ def test_loss_only_on_answer_tokens(tiny_run):
     more = QABatches(processor, 0, 4, Style(size=32), extra=("exists",))[0]  # one more exists question each
     assert more["scene_index"].tolist() == [k for k, n in enumerate(n_qas) for _ in range(n + 1)]
     assert torch.equal(more["pixel_values"], batch["pixel_values"])
+    # encodings are cached per instance: a batch from a used instance equals one from a fresh instance
+    used = QABatches(processor, 0, 4, Style(size=32), extra=("exists",))
+    [used[step] for step in range(3)]
+    assert len(used.encoded) > 0
+    for key, value in QABatches(processor, 0, 4, Style(size=32), extra=("exists",))[2].items():
+        assert torch.equal(used[2][key], value), key
 
 
 @pytest.mark.parametrize("vision_steps", [5, 0], ids=["stopped-in-vision-stage", "stopped-in-language-stage"])
