@@ -124,7 +124,7 @@ class QABatches(torch.utils.data.Dataset):
         self.image_size = processor.image_processor.crop_size["height"]
         self.n_image = (self.image_size // processor.patch_size) ** 2
         # A few hundred distinct (question, answer) pairs recur all run: tokenize each once
-        # (a third of a batch's drawing time otherwise). Per instance, so per data-loading worker.
+        # (nearly half of a batch's drawing time otherwise). Per instance, so per data-loading worker.
         self.encoded: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
 
     def __len__(self) -> int:
