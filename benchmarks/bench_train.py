@@ -1,6 +1,6 @@
 """Training speed of the embedded model: seconds per step of each stage under each CPU layout, side by side.
 
-    python benchmarks/bench_train.py                 # 2 rounds, ~10 minutes on 2 cores
+    python benchmarks/bench_train.py                 # 2 rounds, ~8 minutes on 2 cores
 
 A layout is ``--threads`` (CPU cores used) and the stage's data-loading workers; torch gets
 ``threads - workers`` threads (``llava_lens.toy.train.run_stage``). Each round runs every layout of
