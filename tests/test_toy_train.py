@@ -93,6 +93,7 @@ def test_loss_only_on_answer_tokens(tiny_run):
     used = QABatches(processor, 0, 4, Style(size=32), extra=("exists",))
     [used[step] for step in range(3)]
     assert len(used.encoded) > 0
+    assert all(value == used._encode(*key) for key, value in used.encoded.items())
     for key, value in QABatches(processor, 0, 4, Style(size=32), extra=("exists",))[2].items():
         assert torch.equal(used[2][key], value), key
 
