@@ -52,8 +52,9 @@ def drawing_seconds(cached: bool, steps: int) -> float:
     One torch thread, as in a data-loading worker (the batch's pixels are resized with torch).
     """
     torch.set_num_threads(1)
-    data = QABatches(AutoProcessor.from_pretrained(DEFAULT_OUT), 0, 12, random_style,
-                     ("shape", "position", "position", "exists", "exists"), 4.0)
+    recipe = parse_args([])
+    data = QABatches(AutoProcessor.from_pretrained(DEFAULT_OUT), recipe.seed, recipe.batch_size, random_style,
+                     tuple(filter(None, recipe.extra_qtypes.split(","))), recipe.answer_weight)
     if not cached:
         data.encode = data._encode
     start = time.perf_counter()
