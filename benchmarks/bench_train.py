@@ -21,9 +21,8 @@ import time
 import torch
 from transformers import AutoProcessor
 
-from llava_lens.toy.batches import QABatches
 from llava_lens.toy.scenes import random_style
-from llava_lens.toy.train import DEFAULT_OUT, parse_args, train
+from llava_lens.toy.train import DEFAULT_OUT, parse_args, qa_batches, train
 
 # (label, stage, threads, workers); the first of each stage is the shipped layout (the baseline)
 LAYOUTS = [
@@ -52,9 +51,7 @@ def drawing_seconds(cached: bool, steps: int) -> float:
     One torch thread, as in a data-loading worker (the batch's pixels are resized with torch).
     """
     torch.set_num_threads(1)
-    recipe = parse_args([])
-    data = QABatches(AutoProcessor.from_pretrained(DEFAULT_OUT), recipe.seed, recipe.batch_size, random_style,
-                     tuple(filter(None, recipe.extra_qtypes.split(","))), recipe.answer_weight)
+    data = qa_batches(AutoProcessor.from_pretrained(DEFAULT_OUT), parse_args([]), random_style)
     if not cached:
         data.encode = data._encode
     start = time.perf_counter()

@@ -133,19 +133,24 @@ class Stage:
     workers: int = 0
 
 
+def qa_batches(processor, args: argparse.Namespace, style: StyleLike) -> QABatches:
+    """Stage 2's batches as ``args`` (from :func:`parse_args`) configure them."""
+    extra = tuple(filter(None, args.extra_qtypes.split(",")))
+    return QABatches(processor, args.seed, args.batch_size, style, extra, args.answer_weight)
+
+
 def stages(model, heads: PatchHeads, processor, args: argparse.Namespace, style: StyleLike) -> list[Stage]:
     """The vision-pretraining stage then the question-answering stage."""
     vision = list(model.model.vision_tower.parameters())
     language = [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower.")]
     v = args.vision_steps
-    extra = tuple(filter(None, args.extra_qtypes.split(",")))
     return [
         Stage("vision", 0, v, vision + list(heads.parameters()), args.vision_lr, args.warmup,
               PatchBatches(args.seed, args.vision_batch_size, style, processor.patch_size,
                            processor.image_processor.crop_size["height"]),
               lambda b: heads.loss(patch_features(model, b["pixel_values"]), b["labels"]), args.vision_workers),
         Stage("language", v, v + args.steps, language, args.lr, args.warmup,
-              QABatches(processor, args.seed, args.batch_size, style, extra, args.answer_weight),
+              qa_batches(processor, args, style),
               lambda b: qa_loss(model, b), args.workers),
     ]
 
